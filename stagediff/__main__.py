@@ -1,0 +1,3 @@
+from stagediff.cli import main
+
+raise SystemExit(main())

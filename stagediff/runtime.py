@@ -1,0 +1,54 @@
+"""Where and how computation runs: device, dtype, seeding, progress bars."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Iterable, TypeVar
+
+import numpy as np
+import torch
+
+from stagediff.errors import StagediffError
+
+T = TypeVar("T")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """`auto` picks CUDA when available, else CPU; otherwise the named device, checked."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise StagediffError(f"device {spec!r} is not a torch device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StagediffError(f"device {spec!r} was asked for but CUDA is not available: use device=cpu")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """`auto` = float32 on CPU (bf16 matmul is ~100x slower there), bfloat16 on GPU."""
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if spec not in _DTYPES:
+        raise StagediffError(f"dtype {spec!r} is not supported: use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[spec]
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch Generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc: str = "", unit: str = "it") -> Iterable[T]:
+    """A tqdm progress bar on stderr; silent when STAGEDIFF_QUIET=1 (tests)."""
+    from tqdm.auto import tqdm
+
+    quiet = os.environ.get("STAGEDIFF_QUIET") == "1"
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=quiet, dynamic_ncols=True, leave=False)
