@@ -278,8 +278,9 @@ def _convert(tp: Any, value: Any, where: str, default: Any = None) -> Any:
         if not isinstance(value, dict):
             raise StagediffError(f"config key {where!r} must be a mapping, got {value!r}")
         vt = args[1]
-        if dataclasses.is_dataclass(vt) and isinstance(default, dict):
-            # merge per entry onto the default entries (e.g. stages.S.tokens keeps S's defaults)
+        if dataclasses.is_dataclass(vt) and isinstance(default, dict) and set(value) <= set(default):
+            # merge per entry onto the default entries (stages.S.tokens keeps the other stages);
+            # a mapping with new names (a custom stage graph) replaces the defaults instead
             merged = {k: to_dict(v) for k, v in default.items()}
             for k, v in value.items():
                 merged[k] = {**merged.get(k, {}), **(v or {})}

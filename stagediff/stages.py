@@ -1,0 +1,147 @@
+"""The stage graph: which dictionary is trained on which (model, data), from which parent.
+
+The method's picture, in code:
+
+            base data            fine-tune data
+ base model    S  ───────────────►  D
+               │                    │
+               ▼                    ▼
+ ft model      M  ───────────────►  F   (F_via_D from D, F_via_M from M)
+
+S is trained from scratch (or loaded from a pretrained SAELens dictionary); every
+other stage is a fine-tune of its parent, so feature i is the same feature in all
+of them. Any other graph — e.g. a chain ckpt0 → ckpt1 → ckpt2 with data switches —
+is described with explicit `model`, `data` and `parent` keys under `stages:`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stagediff.config import Config
+from stagediff.errors import StagediffError
+
+# name: (model key, data key, parent)
+STANDARD_GRAPH: dict[str, tuple[str, str, str | None]] = {
+    "S": ("base", "base", None),
+    "D": ("base", "finetune", "S"),
+    "M": ("finetuned", "base", "S"),
+    "F_via_D": ("finetuned", "finetune", "D"),
+    "F_via_M": ("finetuned", "finetune", "M"),
+}
+# A control fine-tune of S on its own model and data with another seed: the rotation
+# that training noise alone produces (the noise floor of the diff).
+NOISE_STAGE = "S_noise"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One dictionary of the run, fully resolved."""
+
+    name: str
+    model: str  # key into Config.model_paths()
+    data: str  # key into Config.data_configs()
+    parent: str | None
+    tokens: int
+    lr: float
+    seed: int
+    from_pretrained: str | None = None
+
+    @property
+    def store(self) -> str:
+        """Name of the activation store this stage trains on: `<model>__<data>`."""
+        return store_name(self.model, self.data)
+
+
+def store_name(model: str, data: str) -> str:
+    return f"{model}__{data}"
+
+
+def resolve_stages(cfg: Config) -> list[Stage]:
+    """The run's stages in training order (parents first), with every default filled in."""
+    raw = dict(cfg.stages)
+    if "F" in raw:  # `F` configures both F stages at once
+        f = raw.pop("F")
+        for name in ("F_via_D", "F_via_M"):
+            raw.setdefault(name, f)
+    if _noise_floor_wanted(cfg) and "S" in raw and NOISE_STAGE not in raw:
+        budget = raw.get("D", raw["S"])
+        raw[NOISE_STAGE] = type(budget)(tokens=budget.tokens, lr=budget.lr)
+
+    models, datasets = cfg.model_paths(), cfg.data_configs()
+    stages: dict[str, Stage] = {}
+    for name, sc in raw.items():
+        model, data, parent = STANDARD_GRAPH.get(name, (None, None, None))
+        if name == NOISE_STAGE:
+            model, data, parent = STANDARD_GRAPH["S"][0], STANDARD_GRAPH["S"][1], "S"
+        model, data = sc.model or model, sc.data or data
+        parent = sc.parent if sc.parent is not None else parent
+        if model is None or data is None:
+            raise StagediffError(
+                f"stage {name!r} is not a standard stage (S, D, M, F, F_via_D, F_via_M): "
+                f"give it `model`, `data` and (unless it is a root) `parent` under stages.{name}"
+            )
+        if model not in models:
+            raise StagediffError(f"stages.{name}.model is {model!r}, which is not a model of the run: use one of {sorted(models)}")
+        if data not in datasets:
+            raise StagediffError(f"stages.{name}.data is {data!r}, which is not a dataset of the run: use one of {sorted(datasets)}")
+        if parent is not None and parent not in raw:
+            raise StagediffError(f"stages.{name}.parent is {parent!r}, which is not a stage of the run: use one of {sorted(raw)}")
+        root = parent is None
+        if sc.from_pretrained and not root:
+            raise StagediffError(f"stages.{name}.from_pretrained is only allowed on a root stage (no parent)")
+        if sc.tokens <= 0 and not sc.from_pretrained:
+            raise StagediffError(f"stages.{name}.tokens must be positive (it is {sc.tokens})")
+        lr = sc.lr if sc.lr is not None else (cfg.sae.lr if root else cfg.sae.lr * cfg.sae.finetune_lr_scale)
+        seed = cfg.seed + (1 if name == NOISE_STAGE else 0)
+        stages[name] = Stage(name, model, data, parent, sc.tokens, lr, seed, sc.from_pretrained)
+    return _topological(stages)
+
+
+def stage_edges(stages: list[Stage]) -> list[tuple[str, str]]:
+    """Default edges to diff: every parent→child edge, plus each root to every leaf two or more steps away."""
+    by_name = {s.name: s for s in stages}
+    edges = [(s.parent, s.name) for s in stages if s.parent is not None and s.name != NOISE_STAGE]
+    children = {s.parent for s in stages if s.parent is not None}
+    for leaf in (s for s in stages if s.name not in children and s.name != NOISE_STAGE):
+        root = leaf
+        while root.parent is not None:
+            root = by_name[root.parent]
+        if (root.name, leaf.name) not in edges and root.name != leaf.name:
+            edges.append((root.name, leaf.name))
+    return edges
+
+
+def required_stores(stages: list[Stage]) -> dict[str, tuple[str, str]]:
+    """Activation stores the stages train on: name -> (model key, data key)."""
+    return {s.store: (s.model, s.data) for s in stages if not s.from_pretrained}
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / "saes" / stage
+
+
+def _noise_floor_wanted(cfg: Config) -> bool:
+    return cfg.diff.selection == "noise" or (cfg.eval.enabled and cfg.eval.noise_floor and cfg.organism is not None)
+
+
+def _topological(stages: dict[str, Stage]) -> list[Stage]:
+    ordered: list[Stage] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise StagediffError(f"the stage graph has a cycle: {' -> '.join(path + [name])}; make the parents form a tree")
+        state[name] = 1
+        parent = stages[name].parent
+        if parent is not None:
+            visit(parent, path + [name])
+        state[name] = 2
+        ordered.append(stages[name])
+
+    for name in stages:
+        visit(name, [])
+    return ordered
