@@ -127,6 +127,9 @@ class EvalConfig:
     clamp_n: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
     steer_strengths: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     noise_floor: bool = True  # train a control fine-tune of S (another seed) for the noise floor
+    causal_examples: int = 100  # triggered (clamp) and clean (steer, loss) held-out prompts for causal checks
+    activation_rows: int = 200_000  # activation rows per model read by the activation-difference baseline
+    causal_stage: str = "F_via_D"  # the F dictionary spliced into the fine-tuned model for causal checks
 
 
 @dataclass
