@@ -1,0 +1,414 @@
+"""The diff: per-feature rotations between stages, firing rates, selection and ranking.
+
+Feature i is the same feature in every stage (each stage is fine-tuned from its parent),
+so an edge a→b is summarised per feature by two cosines: between the decoder rows
+W_dec[i] of a and b, and between the encoder columns W_enc[:, i]. Weights may carry
+any scalar factor; cosines do not see it.
+
+The headline map has one axis per entry of `diff.axes` (default x = cos(D, F_via_D),
+y = cos(M, F_via_M)); `diff.vector` picks the decoder or encoder cosine for it.
+
+Selection (features low on *every* axis, the bottom-left corner):
+- `percentile`: cos below the p-th percentile of each axis, percentiles over live features;
+- `threshold`:  cos below a fixed value on each axis (the paper's 0.7);
+- `noise`:      rotation 1 − cos at least `noise_multiple` times the feature's noise floor
+                on each axis (needs the control dictionary `saes/S_noise/`).
+
+Score (higher = stronger candidate): each axis's rotation divided by the rotation at the
+selection cut, then the minimum over axes:
+    score = min_a (1 − cos_a) / (1 − cut_a)          (percentile, threshold)
+    score = min_a (1 − cos_a) / (noise_multiple · floor)   (noise)
+So a feature is selected exactly when its score passes 1 (> 1; ≥ 1 for noise): every
+selected feature outranks every unselected one, and within either group the feature
+rotated most on its *least* rotated axis comes first (rotated with the model and the data).
+Rank 1 is the best; dead features get score NaN and no rank.
+
+Noise floor (when `saes/S_noise/` exists: S fine-tuned on its own model and data with
+another seed): the rotation training noise alone produces, r0_i = 1 − cos(S_i, S_noise_i).
+One control run gives one noisy sample per feature, so the floor is
+    floor_i = max(r0_i, median of r0 over features of similar firing frequency in S)
+(up to ten equal-count bins of log frequency, at least 20 features each). The per-feature term keeps features that are
+predisposed to drift discounted; the bin median keeps a feature that happened to barely
+move in the one control run from getting a near-zero floor (which would inflate its
+multiple), and binning by frequency respects that rare features drift more than common ones.
+
+Dead features: firing rate below `diff.min_frequency` in the end stage of every axis
+(F_via_D and F_via_M by default), or a zero vector on an axis. They are marked
+(`dead = True`) and excluded from percentiles, selection and ranking.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stagediff.config import Config
+from stagediff.errors import StagediffError
+from stagediff.files import atomic_path, atomic_write, load_tensors, write_json
+from stagediff.stages import NOISE_STAGE, resolve_stages, stage_edges
+
+SHORT = {"S": "S", "D": "D", "M": "M", "F_via_D": "FD", "F_via_M": "FM"}
+QUANTILES = {"min": 0.0, "p1": 0.01, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
+_EPS = 1e-12
+
+
+def short(stage: str) -> str:
+    """The short name of a stage used in column names (F_via_D → FD); other names unchanged."""
+    return SHORT.get(stage, stage)
+
+
+def cos_column(kind: str, a: str, b: str) -> str:
+    """Column name of an edge's cosine, kind = 'dec' or 'enc': cos_column('dec','D','F_via_D') = 'dec_cos_D_FD'."""
+    return f"{kind}_cos_{short(a)}_{short(b)}"
+
+
+# ---------------------------------------------------------------- tensors → numbers
+
+
+def rowwise_cosine(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Cosine between matching rows of a and b [n, d]; NaN where either row is zero."""
+    a, b = a.double(), b.double()
+    num = (a * b).sum(-1)
+    den = a.norm(dim=-1) * b.norm(dim=-1)
+    out = num / den
+    out[den == 0] = float("nan")
+    return out.clamp(-1, 1).numpy()
+
+
+def feature_cosines(w_a: dict[str, torch.Tensor], w_b: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Decoder-row and encoder-column cosine per feature between two SAEs' weights."""
+    return {"dec": rowwise_cosine(w_a["W_dec"], w_b["W_dec"]), "enc": rowwise_cosine(w_a["W_enc"].T, w_b["W_enc"].T)}
+
+
+def noise_floor(r0: np.ndarray, freq: np.ndarray | None, bins: int = 10, min_bin: int = 20) -> np.ndarray:
+    """Robust per-feature noise floor: max(r0_i, median r0 of features in i's firing-frequency bin).
+
+    r0 = 1 − cos(S, S_noise) per feature; freq = S's firing rate (None: one bin for all).
+    Equal-count bins of log frequency, at most `bins` and each at least `min_bin` features
+    (a median of a handful of features would be as noisy as the feature itself).
+    """
+    floor = np.full_like(r0, np.nan, dtype=np.float64)
+    ok = np.isfinite(r0)
+    if not ok.any():
+        return floor
+    idx = np.flatnonzero(ok)
+    nbins = max(1, min(bins, len(idx) // min_bin))
+    if freq is None or not np.isfinite(freq[idx]).all():
+        nbins = 1
+    order = idx[np.argsort(np.log10(np.maximum(freq[idx], 1e-12)), kind="stable")] if nbins > 1 else idx
+    groups = [g for g in np.array_split(order, nbins) if len(g)]
+    for g in groups:
+        floor[g] = np.maximum(r0[g], np.median(r0[g]))
+    return np.maximum(floor, _EPS)
+
+
+def select(axes_cos: list[np.ndarray], live: np.ndarray, *, selection: str, percentile: float = 5.0,
+           threshold: float = 0.7, noise_multiple: float = 3.0, floor: np.ndarray | None = None) -> dict:
+    """Bottom-left selection and score over the axis cosines (one array per axis).
+
+    Returns {"selected", "score", "rank", "cuts"}: selected is False and score NaN for
+    features that are not live; rank is 1-based (0 = unranked); cuts are the cosine cut per
+    axis (None for noise selection, whose cut is per feature).
+    """
+    n = len(live)
+    rot = [1.0 - c for c in axes_cos]
+    if selection == "percentile":
+        if not live.any():
+            cuts = [float("nan")] * len(axes_cos)
+        else:
+            cuts = [float(np.percentile(c[live], percentile)) for c in axes_cos]
+        per_axis = [r / max(1.0 - t, _EPS) for r, t in zip(rot, cuts)]
+        selected = live & np.all([c < t for c, t in zip(axes_cos, cuts)], axis=0)
+    elif selection == "threshold":
+        cuts = [float(threshold)] * len(axes_cos)
+        per_axis = [r / max(1.0 - threshold, _EPS) for r in rot]
+        selected = live & np.all([c < threshold for c in axes_cos], axis=0)
+    elif selection == "noise":
+        if floor is None:
+            raise StagediffError("diff.selection=noise needs the noise floor (saes/S_noise/): set eval.noise_floor=true and rerun training")
+        cuts = None
+        per_axis = [r / (noise_multiple * floor) for r in rot]
+        selected = live & np.all([r >= noise_multiple * floor for r in rot], axis=0)
+    else:
+        raise StagediffError(f"diff.selection={selection!r} is unknown: use percentile, threshold or noise")
+    score = np.min(per_axis, axis=0).astype(np.float64)
+    score[~live] = np.nan
+    rank = np.zeros(n, dtype=np.int64)
+    live_idx = np.flatnonzero(live)
+    # stable sort on -score: ties keep feature order, so ranks are reproducible
+    order = live_idx[np.argsort(-score[live_idx], kind="stable")]
+    rank[order] = np.arange(1, len(order) + 1)
+    return {"selected": selected, "score": score, "rank": rank, "cuts": cuts}
+
+
+# ---------------------------------------------------------------- config
+
+
+def _pairs(raw: list, key: str) -> list[tuple[str, str]]:
+    out = []
+    for item in raw:
+        if not isinstance(item, (list, tuple)) or len(item) != 2 or not all(isinstance(s, str) for s in item):
+            raise StagediffError(f"config key {key} must be a list of [from_stage, to_stage] pairs, got {item!r}")
+        out.append((item[0], item[1]))
+    return out
+
+
+# ---------------------------------------------------------------- files
+
+
+def load_sae_weights(stage_dir: Path) -> dict[str, torch.Tensor]:
+    """W_enc and W_dec of a SAELens-format SAE folder, checked for shape."""
+    path = stage_dir / "sae_weights.safetensors"
+    if not path.exists():
+        raise StagediffError(f"{path} does not exist: train stage {stage_dir.name} first (stagediff train RUN), "
+                             "or list only trained stages in diff.edges / diff.axes")
+    w = load_tensors(path)
+    for key in ("W_enc", "W_dec"):
+        if key not in w:
+            raise StagediffError(f"{path} has no tensor {key}: it is not a SAELens-format SAE; retrain the stage")
+    if w["W_enc"].shape != w["W_dec"].T.shape:
+        raise StagediffError(f"{path}: W_enc {tuple(w['W_enc'].shape)} and W_dec {tuple(w['W_dec'].shape)} "
+                             "do not match ([d_in, d_sae] and [d_sae, d_in]); retrain the stage")
+    return {"W_enc": w["W_enc"].float(), "W_dec": w["W_dec"].float()}
+
+
+def load_frequency(stage_dir: Path) -> np.ndarray | None:
+    """Firing rate per feature from sparsity.safetensors (log10 frequency, SAELens), or None if absent."""
+    path = stage_dir / "sparsity.safetensors"
+    if not path.exists():
+        return None
+    t = load_tensors(path)
+    if "sparsity" not in t:
+        raise StagediffError(f"{path} has no tensor 'sparsity' (log10 firing frequency); delete it and retrain the stage")
+    return np.power(10.0, t["sparsity"].double().numpy())  # log10(0) = -inf → 0
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "True" if v else "False"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    v = float(v)
+    return "nan" if math.isnan(v) else f"{v:.8g}"
+
+
+def write_csv(path: Path, columns: dict[str, np.ndarray], blank_zero: tuple[str, ...] = ("rank",)) -> None:
+    """Write equal-length columns as CSV, atomically; integer columns in `blank_zero` write 0 as empty."""
+    names = list(columns)
+    n = len(next(iter(columns.values())))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(names)
+    for i in range(n):
+        w.writerow(["" if (k in blank_zero and columns[k][i] == 0) else _fmt(columns[k][i]) for k in names])
+    with atomic_write(path, "w") as f:
+        f.write(buf.getvalue())
+
+
+def read_features(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a features.csv back into columns: bools as bool, `feature`/`rank` as int (empty rank = 0), rest float."""
+    path = Path(path)
+    if not path.exists():
+        raise StagediffError(f"{path} does not exist: run `stagediff diff RUN` first")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    names, body = rows[0], rows[1:]
+    out: dict[str, np.ndarray] = {}
+    for j, name in enumerate(names):
+        col = [r[j] for r in body]
+        if col and all(v in ("True", "False") for v in col):
+            out[name] = np.array([v == "True" for v in col])
+        elif name in ("feature", "rank"):
+            out[name] = np.array([int(v) if v else 0 for v in col], dtype=np.int64)
+        else:
+            out[name] = np.array([float(v) if v else float("nan") for v in col])
+    return out
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _scatter(path: Path, x: np.ndarray, y: np.ndarray, dead: np.ndarray, selected: np.ndarray,
+             xlabel: str, ylabel: str, title: str, xcut: float | None = None, ycut: float | None = None) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    live = ~dead & np.isfinite(x) & np.isfinite(y)
+    other = live & ~selected
+    ax.scatter(x[dead], y[dead], s=4, c="#cccccc", label=f"dead ({int(dead.sum())})", linewidths=0)
+    ax.scatter(x[other], y[other], s=5, c="#4c72b0", alpha=0.6, label=f"live ({int(other.sum())})", linewidths=0)
+    ax.scatter(x[selected], y[selected], s=14, c="#d62728", label=f"selected ({int(selected.sum())})", linewidths=0)
+    if xcut is not None and math.isfinite(xcut):
+        ax.axvline(xcut, color="k", ls="--", lw=0.8)
+    if ycut is not None and math.isfinite(ycut):
+        ax.axhline(ycut, color="k", ls="--", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+# ---------------------------------------------------------------- the step
+
+
+def diff_run(run_dir: Path, cfg: Config) -> dict:
+    """Diff the stages of `run_dir`: write diff/features.csv, summary.json and the scatter PNGs; return the summary."""
+    run_dir = Path(run_dir)
+    d = cfg.diff
+    if d.vector not in ("decoder", "encoder"):
+        raise StagediffError(f"diff.vector={d.vector!r} is unknown: use decoder or encoder")
+    if d.selection not in ("percentile", "threshold", "noise"):
+        raise StagediffError(f"diff.selection={d.selection!r} is unknown: use percentile, threshold or noise")
+    if not 0 < d.percentile < 100:
+        raise StagediffError(f"diff.percentile={d.percentile} must lie strictly between 0 and 100 (e.g. 5)")
+    axes = _pairs(d.axes, "diff.axes")
+    if not axes:
+        raise StagediffError("diff.axes is empty: give at least one [from_stage, to_stage] pair, e.g. [[D, F_via_D]]")
+    edges = _pairs(d.edges, "diff.edges") if d.edges is not None else stage_edges(resolve_stages(cfg))
+    edges += [a for a in axes if a not in edges]  # the axes are always computed
+
+    saes = run_dir / "saes"
+    stages = list(dict.fromkeys(s for e in edges for s in e))
+    has_noise = "S" in stages and (saes / NOISE_STAGE / "sae_weights.safetensors").exists()
+    if d.selection == "noise" and not has_noise:
+        raise StagediffError(f"diff.selection=noise needs the control dictionary {saes / NOISE_STAGE}: "
+                             "set eval.noise_floor=true and rerun training (stagediff train RUN), or use selection percentile")
+    if has_noise:
+        stages.append(NOISE_STAGE)
+    weights = {s: load_sae_weights(saes / s) for s in stages}
+    shapes = {s: tuple(w["W_dec"].shape) for s, w in weights.items()}
+    if len(set(shapes.values())) != 1:
+        raise StagediffError(f"stages have different SAE shapes {shapes}: every stage must be fine-tuned from the same S")
+    n = shapes[stages[0]][0]
+    freqs = {s: load_frequency(saes / s) for s in stages}
+    for s, f in freqs.items():
+        if f is not None and len(f) != n:
+            raise StagediffError(f"{saes / s / 'sparsity.safetensors'} has {len(f)} entries for {n} features; delete it and retrain")
+
+    vec = "dec" if d.vector == "decoder" else "enc"
+    cols: dict[str, np.ndarray] = {"feature": np.arange(n)}
+    cos = {e: feature_cosines(weights[e[0]], weights[e[1]]) for e in edges}
+    for kind in ("dec", "enc"):
+        for (a, b) in edges:
+            cols[cos_column(kind, a, b)] = cos[(a, b)][kind]
+    missing_freq = [s for s in stages if freqs[s] is None]
+    for s in stages:
+        cols[f"freq_{s}"] = freqs[s] if freqs[s] is not None else np.full(n, np.nan)
+
+    # dead: silent at the end of every axis (NaN frequency = unknown, not dead), or no vector to compare
+    axes_cos = [cos[a][vec] for a in axes]
+    ends = list(dict.fromkeys(b for _, b in axes))
+    dead = np.all([cols[f"freq_{s}"] < d.min_frequency for s in ends], axis=0)
+    dead |= ~np.all([np.isfinite(c) for c in axes_cos], axis=0)
+    live = ~dead
+    cols["dead"] = dead
+
+    floor = None
+    if has_noise:
+        r0 = 1.0 - feature_cosines(weights["S"], weights[NOISE_STAGE])[vec]
+        floor = noise_floor(r0, freqs["S"])
+    sel = select(axes_cos, live, selection=d.selection, percentile=d.percentile, threshold=d.threshold,
+                 noise_multiple=d.noise_multiple, floor=floor)
+    cols["selected"], cols["score"], cols["rank"] = sel["selected"], sel["score"], sel["rank"]
+    names = _axis_names(len(axes))
+    if floor is not None:
+        cols["noise_rotation"] = r0
+        cols["noise_floor"] = floor
+        for name, c in zip(names, axes_cos):
+            cols[f"noise_multiple_{name}"] = (1.0 - c) / floor
+
+    out = run_dir / "diff"
+    write_csv(out / "features.csv", cols)
+    summary = _summary(cfg, axes, edges, cols, sel, live, dead, vec, missing_freq, floor, names)
+    write_json(out / "summary.json", summary)
+    _plots(out, axes, edges, cos, vec, dead, sel, floor, d.noise_multiple)
+    return summary
+
+
+def _axis_names(k: int) -> list[str]:
+    return (["x", "y"] + [f"axis{i}" for i in range(2, k)])[:k]
+
+
+def _quantiles(v: np.ndarray) -> dict[str, float] | None:
+    v = v[np.isfinite(v)]
+    return {k: float(np.quantile(v, q)) for k, q in QUANTILES.items()} if len(v) else None
+
+
+def _summary(cfg, axes, edges, cols, sel, live, dead, vec, missing_freq, floor, names) -> dict:
+    d = cfg.diff
+    sel_rule = {"selection": d.selection, "vector": d.vector, "min_frequency": d.min_frequency,
+                "axes": {nm: {"edge": list(a), "column": cos_column(vec, *a)} for nm, a in zip(names, axes)}}
+    if d.selection == "noise":
+        sel_rule["noise_multiple"] = d.noise_multiple
+        rule = f"noise: rotation >= {d.noise_multiple:g} x noise floor on " + " and ".join(f"{a}->{b}" for a, b in axes)
+    else:
+        sel_rule["cuts"] = dict(zip(names, sel["cuts"]))
+        if d.selection == "percentile":
+            sel_rule["percentile"] = d.percentile
+        head = f"percentile {d.percentile:g}" if d.selection == "percentile" else "threshold"
+        rule = f"{head}: " + " and ".join(f"cos({a}, {b}) < {t:.4f}" for (a, b), t in zip(axes, sel["cuts"]))
+    sel_rule["score"] = "min over axes of (1 - cos) / (rotation at the cut); selected <=> score passes 1"
+    top_idx = np.flatnonzero(sel["rank"])
+    top_idx = top_idx[np.argsort(sel["rank"][top_idx])][:20]
+    show = ["feature", "score", "rank", "selected"] + [cos_column(k, *e) for k in ("dec", "enc") for e in edges] \
+        + [c for c in cols if c.startswith(("freq_", "noise_"))]
+    summary = {
+        "rule": rule,
+        "selection": sel_rule,
+        "features": int(len(live)), "live": int(live.sum()), "dead": int(dead.sum()), "selected": int(sel["selected"].sum()),
+        "stages": {s: short(s) for e in edges for s in e},
+        "edges": {cos_column(k, *e): _quantiles(cols[cos_column(k, *e)][live]) for k in ("dec", "enc") for e in edges},
+        "top": [{c: _jsonable(cols[c][i]) for c in show} for i in top_idx],
+    }
+    if missing_freq:
+        summary["frequency_missing"] = missing_freq  # no sparsity.safetensors: these stages cannot mark features dead
+    if floor is not None:
+        summary["noise_floor"] = {"stage": NOISE_STAGE, "quantiles": _quantiles(floor[live]),
+                                  "rule": "max(1 - cos(S, S_noise), median over S-frequency bins)"}
+    return summary
+
+
+def _jsonable(v):
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def _plots(out: Path, axes, edges, cos, vec, dead, sel, floor, noise_multiple) -> None:
+    selected = sel["selected"]
+    label = "decoder" if vec == "dec" else "encoder"
+    cuts = sel["cuts"]
+    if cuts is None and floor is not None:  # noise selection: draw the cut at the median floor as a guide
+        cuts = [1.0 - noise_multiple * float(np.median(floor[~dead]))] * len(axes) if (~dead).any() else None
+    (ax_x, ax_y) = (axes[0], axes[1]) if len(axes) > 1 else (axes[0], None)
+    x = cos[ax_x][vec]
+    if ax_y is not None:
+        y, ylabel = cos[ax_y][vec], f"cos({ax_y[0]}, {ax_y[1]})"
+    else:  # one axis: plot it against the same axis's encoder/decoder partner
+        other = "enc" if vec == "dec" else "dec"
+        y, ylabel = cos[ax_x][other], f"{other} cos({ax_x[0]}, {ax_x[1]})"
+    _scatter(out / "scatter.png", x, y, dead, selected, f"cos({ax_x[0]}, {ax_x[1]})", ylabel,
+             f"{label} rotation ({int(selected.sum())} selected)",
+             cuts[0] if cuts else None, cuts[1] if cuts and ax_y is not None else None)
+    # first-step views: the edge into each axis's start stage against the axis itself
+    for i, (a, b) in enumerate(axes):
+        into = [e for e in edges if e[1] == a]
+        if not into:
+            continue
+        p = into[0][0]
+        _scatter(out / f"first_step_{a}.png", cos[(p, a)][vec], cos[(a, b)][vec], dead, selected,
+                 f"cos({p}, {a})", f"cos({a}, {b})", f"first step: {p}→{a} against {a}→{b}",
+                 None, cuts[i] if cuts else None)
