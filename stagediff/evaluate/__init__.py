@@ -1,0 +1,12 @@
+"""Evaluation on organism runs: ground-truth labels, every method scored alike, causal checks.
+
+labels.py   relevance from held-out activations (never from rotations)
+metrics.py  precision / base rate / enrichment / AP / precision@k of one method
+rankings.py the methods compared (stage-wise variants, single trajectories, S->F)
+causal.py   the SAE splice, clamp and steer sweeps, clean loss
+run.py      evaluate_run: all of it -> RUN/eval/metrics.json
+"""
+
+from stagediff.evaluate.run import evaluate_run
+
+__all__ = ["evaluate_run"]
