@@ -223,8 +223,19 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
             "dead": np.isnan(score), "selected": np.isin(np.arange(n), [1, 3]), "score": score,
             "rank": np.array([3, 1, 4, 2, 5, 0, 0, 0])}
     write_csv(tmp_path / "diff" / "features.csv", cols)
+    # a crosscoder reading [base, ft]: the same detectors on the fine-tuned half; latent 0 ("|") is ft-exclusive
+    cc = SAE(128, SAEConfig(architecture="relu", d_sae=n))
+    with torch.no_grad():
+        cc.W_enc.zero_(), cc.W_dec.zero_(), cc.b_dec.zero_()
+        cc.W_enc[64:] = sae.W_enc
+        cc.b_enc.copy_(sae.b_enc)
+        cc.W_dec[:, 64:] = sae.W_dec
+    cc.save(tmp_path / "crosscoder", {"crosscoder": {"scale_base": 1.0, "scale_ft": 1.0}})
+    rel = np.array([0.95, 0.5, 0.5, 0.6, 0.5, 0.5, 0.5, 0.5])
+    write_csv(tmp_path / "crosscoder" / "features.csv", {"feature": np.arange(n), "relative_norm": rel,
+              "dead": np.isnan(score), "score": np.where(np.isnan(score), np.nan, rel)})
     cfg = load_config(overrides=[f"finetuned_model={tiny_llama_dir}", f"base_model={tiny_llama_dir}", f"hook={HOOK0}",
-                                 "context_size=40", "crosscoder.enabled=false", "eval.min_fires=3",
+                                 "context_size=40", "eval.min_fires=3",
                                  "eval.clamp_n=[2,9]", "eval.causal_examples=2", "eval.steer_strengths=[1.0]", "device=cpu"])
     metrics = evaluate_run(tmp_path, cfg)
     assert read_json(tmp_path / "eval" / "metrics.json") == json.loads(json.dumps(metrics))
@@ -239,6 +250,10 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
     keys = set(sw)
     assert {"stagewise_percentile", "stagewise_threshold", "d_to_f", "m_to_f", "s_to_f"} <= set(metrics["methods"])
     assert all(set(m) == keys for m in metrics["methods"].values())
+    # crosscoder: its own labels on paired activations; selection = relative norm >= 0.9 = latent 0, relevant
+    x = metrics["methods"]["crosscoder"]
+    assert x["selected"] == 1 and x["precision"] == 1.0 and x["live"] == 5 and lab["crosscoder_relevant"] == 2
+    assert x["ap"] == pytest.approx((1 + 2 / 3) / 2)  # ranking 0 3 1 2 4 (ties by id), relevant {0, 1}
     c = metrics["causal"]
     # N = 9 exceeds the 5 live features: skipped; N = 2 clamps the top two against two others
     assert [r["n"] for r in c["clamp"]] == [2] and c["clamp"][0]["features"] == [1, 3]

@@ -21,9 +21,9 @@ import torch
 
 from stagediff.config import Config
 from stagediff.contexts import scan_features
-from stagediff.diff import load_frequency, read_features
+from stagediff.diff import read_features
 from stagediff.errors import StagediffError
-from stagediff.evaluate import causal  # noqa: E402  (submodule)
+from stagediff.evaluate import causal
 from stagediff.evaluate.labels import HeldOut, heldout_activations, heldout_windows, relevance, rule_text
 from stagediff.evaluate.metrics import method_metrics
 from stagediff.evaluate.rankings import Method, from_scores, stagewise_methods, top_k
@@ -86,47 +86,29 @@ def _activation_diff(run_dir: Path, cfg: Config, live: np.ndarray) -> np.ndarray
 
 def _crosscoder(run_dir: Path, cfg: Config, base_rows: torch.Tensor, ft_rows: torch.Tensor, held: HeldOut,
                 tokenizer: Any, org: dict, k_match: int) -> tuple[Method, dict]:
-    """The crosscoder's latents: labelled on its encoding of paired held-out activations, ranked by relative norm."""
-    folder = run_dir / "crosscoder"
-    from stagediff.crosscoder import crosscoder_scores, load_crosscoder
+    """The crosscoder's latents: labelled on its encoding of paired held-out activations, ranked by its score."""
+    from stagediff.crosscoder import crosscoder_scores
+    from stagediff.sae import SAE
 
-    cc = load_crosscoder(run_dir)  # encodes paired activations: cc.encode_pair(base, ft) -> [B, d_sae]
-    pairs = _PairedRows(base_rows, ft_rows)
+    folder = run_dir / "crosscoder"
+    cc = SAE.load(folder)
+    meta = cc.metadata.get("crosscoder") or {}
+    if "scale_base" not in meta or "scale_ft" not in meta:
+        raise StagediffError(f"{folder / 'cfg.json'} lacks metadata.crosscoder.scale_base/scale_ft: retrain it (stagediff crosscoder RUN)")
+    # the crosscoder reads [x_base * scale_base, x_ft * scale_ft] (crosscoder.py's layout)
+    pairs = torch.cat([base_rows * float(meta["scale_base"]), ft_rows * float(meta["scale_ft"])], -1)
     e = cfg.eval
-    scan = scan_features(_PairEncoder(cc), pairs, n=e.top_contexts, desc="top contexts crosscoder")
+    scan = scan_features(cc, pairs, n=e.top_contexts, desc="top contexts crosscoder")
     lab = relevance(scan, held, tokenizer, org["trigger"], org["response"],
                     top_contexts=e.top_contexts, relevant_share=e.relevant_share, min_fires=e.min_fires)
     scores = np.asarray(crosscoder_scores(run_dir), dtype=np.float64)
-    freq = load_frequency(folder)
-    live = (freq >= cfg.diff.min_frequency) if freq is not None else (scan.fires.numpy() > 0)
-    live &= np.isfinite(scores)
-    sel = np.flatnonzero(live & (scores >= RELATIVE_NORM_CUT))
+    table = read_features(folder / "features.csv")
+    live = ~table["dead"] & np.isfinite(scores)
+    sel = np.flatnonzero(live & (table["relative_norm"] >= RELATIVE_NORM_CUT))
     words = f"relative decoder norm >= {RELATIVE_NORM_CUT}"
-    if sel.size == 0:  # no fine-tuned-exclusive latent: compare the same number of top latents as stage-wise
-        sel, words = top_k(scores, live, k_match), f"no latent reached relative norm {RELATIVE_NORM_CUT}: top {k_match} by relative norm"
+    if sel.size == 0:  # no fine-tuned-exclusive latent: compare as many top latents as stage-wise selects
+        sel, words = top_k(scores, live, k_match), f"no latent reached relative norm {RELATIVE_NORM_CUT}: top {k_match} by score"
     return from_scores("crosscoder", scores, live, sel, words), lab
-
-
-class _PairedRows:
-    """Chunks of (base, ft) row pairs concatenated on the last axis, for scan_features."""
-
-    def __init__(self, base: torch.Tensor, ft: torch.Tensor, chunk: int = 4096):
-        self.base, self.ft, self.chunk = base, ft, chunk
-
-    def __iter__(self):
-        for s in range(0, self.base.shape[0], self.chunk):
-            yield torch.cat([self.base[s : s + self.chunk], self.ft[s : s + self.chunk]], -1)
-
-
-class _PairEncoder:
-    """Adapts a crosscoder to the encode-one-tensor interface of scan_features."""
-
-    def __init__(self, cc: Any):
-        self.cc, self.cfg = cc, cc.cfg
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1] // 2
-        return self.cc.encode_pair(x[..., :d], x[..., d:])
 
 
 def _table(methods: dict[str, dict]) -> str:
