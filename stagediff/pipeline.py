@@ -26,7 +26,7 @@ import torch
 from stagediff import __version__
 from stagediff.config import Config, dump_config, to_dict
 from stagediff.errors import StagediffError
-from stagediff.files import fingerprint, read_json, write_json
+from stagediff.files import fingerprint, read_json, sha256_file, write_json
 from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
 from stagediff.stages import NOISE_STAGE, Stage, resolve_stages, stage_dir, store_name
 
@@ -194,7 +194,16 @@ def step_evaluate(run: Run) -> None:
         return  # ground truth exists only for organisms, whose held-out examples mark the trigger
     from stagediff.evaluate import evaluate_run
 
+    # generation-heavy, so skipped when nothing it reads has changed
+    upstream = [run.fingerprint_of(f"train/{s.name}") for s in resolve_stages(cfg)]
+    cross = run._record("crosscoder")
+    fp = fingerprint([to_dict(cfg.eval), to_dict(cfg.diff), upstream, read_json(cross) if cross.exists() else None,
+                      sha256_file(run.dir / "data" / "heldout.jsonl")])
+    if run.is_done("evaluate", fp) and (run.dir / "eval" / "metrics.json").exists():
+        return
+    run.start("evaluate", fp, [run.dir / "eval"])
     evaluate_run(run.dir, cfg)
+    run.finish("evaluate", fp)
 
 
 def step_report(run: Run) -> None:
