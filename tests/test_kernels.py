@@ -1,0 +1,150 @@
+"""The sparse TopK/BatchTopK step gives the dense autograd step's losses and gradients exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stagediff.kernels import batchtopk_select, topk_training_forward
+
+
+def dense_forward(x, W_enc, b_enc, W_dec, b_dec, *, k, batch_topk, dead=None, aux_k=256, aux_k_coefficient=0.0):
+    """The reference: every product dense, plain autograd (the SAELens / stagediff.sae formulation)."""
+    pre = (x - b_dec) @ W_enc + b_enc
+    if batch_topk:
+        flat = pre.relu().flatten()
+        vals, idx = flat.topk(min(int(round(k * x.shape[0])), flat.numel()), sorted=False)
+        f = torch.zeros_like(flat).scatter(-1, idx, vals).view_as(pre)
+    else:
+        vals, idx = pre.topk(min(int(k), pre.shape[1]), dim=-1, sorted=False)
+        f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    x_hat = f @ W_dec + b_dec
+    mse = (x_hat - x).pow(2).sum(-1).mean()
+    aux = x.new_zeros(())
+    if dead is not None and bool(dead.any()):
+        vals, idx = pre.masked_fill(~dead, float("-inf")).topk(min(aux_k, int(dead.sum())), dim=-1, sorted=False)
+        f_aux = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        aux = (f_aux @ W_dec - (x - x_hat).detach()).pow(2).sum(-1).mean()
+    fired = f > 0
+    out = {"loss": mse + aux_k_coefficient * aux, "mse": mse, "aux": aux, "l0": fired.sum(-1).float().mean(),
+           "counts": fired.sum(0), "x_hat": x_hat}
+    if batch_topk:
+        out["min_active"] = f[fired].min() if bool(fired.any()) else x.new_zeros(())
+    return out
+
+
+def make(B, d_in, d_sae, dtype=torch.float64, seed=0, b_enc_shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, d_in, generator=g, dtype=dtype)
+    W_enc = torch.randn(d_in, d_sae, generator=g, dtype=dtype) / d_in**0.5
+    b_enc = 0.3 * torch.randn(d_sae, generator=g, dtype=dtype) + b_enc_shift
+    W_dec = torch.randn(d_sae, d_in, generator=g, dtype=dtype) / d_in**0.5
+    b_dec = 0.3 * torch.randn(d_in, generator=g, dtype=dtype)
+    return [t.requires_grad_() for t in (x, W_enc, b_enc, W_dec, b_dec)]
+
+
+NAMES = ("x", "W_enc", "b_enc", "W_dec", "b_dec")
+
+
+def compare(tensors, *, rtol=1e-9, atol=1e-11, **kw):
+    """Run both paths on the same tensors; assert equal outputs and gradients of every input."""
+    ref = dense_forward(*tensors, **kw)
+    ref_grads = torch.autograd.grad(ref["loss"], tensors)
+    out = topk_training_forward(*tensors, **kw)
+    grads = torch.autograd.grad(out["loss"], tensors)
+    for key in ref:
+        a, b = ref[key].detach(), out[key]
+        assert a.dtype == b.dtype or key in ("l0",), key
+        assert torch.allclose(a.to(b.dtype), b, rtol=rtol, atol=atol), (key, a, b)
+    for name, a, b in zip(NAMES, ref_grads, grads):
+        assert b.shape == a.shape and b.dtype == a.dtype, name
+        assert torch.allclose(a, b, rtol=rtol, atol=atol), (name, (a - b).abs().max())
+    return out
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+@pytest.mark.parametrize("k", [1, 5, 13.5])
+def test_same_loss_and_gradients_as_dense(batch_topk, k):
+    if not batch_topk:
+        k = int(k)
+    out = compare(make(48, 12, 80), k=k, batch_topk=batch_topk)
+    assert 0 < float(out["l0"]) <= k
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_aux_k_loss_on_dead_features(batch_topk):
+    dead = torch.rand(80, generator=torch.Generator().manual_seed(3)) < 0.3
+    out = compare(make(40, 12, 80, seed=1), k=4, batch_topk=batch_topk, dead=dead, aux_k=6, aux_k_coefficient=0.5)
+    assert float(out["aux"]) > 0
+    # aux_k above the number of dead features: all dead features take part
+    compare(make(40, 12, 80, seed=2), k=4, batch_topk=batch_topk, dead=torch.arange(80) < 3, aux_k=256,
+            aux_k_coefficient=1.0)
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_k_above_the_active_features(batch_topk):
+    # b_enc far below zero: most pre-activations are negative, so k exceeds the positive ones
+    tensors = make(32, 10, 40, seed=4, b_enc_shift=-1.5)
+    out = compare(tensors, k=30, batch_topk=batch_topk)
+    assert float(out["l0"]) < 30
+    compare(make(16, 10, 40, seed=5), k=40, batch_topk=batch_topk)  # k = d_sae
+
+
+def test_batchtopk_rows_without_any_active_feature():
+    x, W_enc, b_enc, W_dec, b_dec = make(24, 10, 40, seed=6)
+    with torch.no_grad():
+        x[:8] = b_dec  # these rows see only b_enc ...
+        b_enc -= b_enc.max() + 0.1  # ... which is negative everywhere: nothing fires there
+        x[8:] *= 4  # the other rows fire strongly
+    out = compare([x, W_enc, b_enc, W_dec, b_dec], k=3, batch_topk=True)
+    assert torch.equal(out["x_hat"][:8], b_dec.detach().expand(8, -1))  # empty rows decode to b_dec
+    assert float(out["l0"]) > 0
+
+
+def test_batchtopk_ties_at_the_cut():
+    # every row appears twice, so every value is tied in pairs; K = 35 is odd, so the cut splits a
+    # pair and the two paths may keep different copies. Swapping copies of identical rows leaves
+    # the loss and the parameter gradients unchanged.
+    x, W_enc, b_enc, W_dec, b_dec = make(5, 10, 40, seed=7)
+    x = torch.cat([x, x]).detach().requires_grad_()
+    tensors = [x, W_enc, b_enc, W_dec, b_dec]
+    ref = dense_forward(*tensors, k=3.5, batch_topk=True)
+    out = topk_training_forward(*tensors, k=3.5, batch_topk=True)
+    assert int(out["counts"].sum()) == int(ref["counts"].sum()) == 35
+    assert torch.allclose(ref["loss"], out["loss"], rtol=1e-12)
+    for name, a, b in list(zip(NAMES, torch.autograd.grad(ref["loss"], tensors), torch.autograd.grad(out["loss"], tensors)))[1:]:
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), name
+
+
+def test_batchtopk_cut_estimated_too_high_is_lowered():
+    # > 2^19 values, so the cut is estimated from every 2nd row; those rows are shifted up,
+    # the sample overestimates the cut and the selection must lower it to stay exact.
+    pre = torch.randn(256, 4096, generator=torch.Generator().manual_seed(8))
+    pre[::2] += 3.0
+    active, vals = batchtopk_select(pre, 16)
+    ref_vals, ref_idx = pre.relu().flatten().topk(16 * 256)
+    assert active.nnz == 16 * 256
+    assert torch.equal(torch.sort(active.rows * 4096 + active.cols).values, torch.sort(ref_idx).values)
+    assert torch.equal(vals, pre[active.rows, active.cols])
+    assert torch.all(active.rows[1:] >= active.rows[:-1])  # token order (CSR)
+
+
+@pytest.mark.parametrize("batch_topk", [False, True])
+def test_fp32_at_a_realistic_shape(batch_topk):
+    torch.manual_seed(0)
+    dead = torch.rand(512) < 0.1
+    compare(make(512, 64, 512, dtype=torch.float32, seed=9), k=16, batch_topk=batch_topk, dead=dead,
+            aux_k=32, aux_k_coefficient=1 / 32, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_runs_and_tracks_fp32():
+    tensors32 = make(64, 16, 96, dtype=torch.float32, seed=10)
+    tensors16 = [t.detach().bfloat16().requires_grad_() for t in tensors32]
+    out32 = topk_training_forward(*tensors32, k=4, batch_topk=False)
+    out16 = topk_training_forward(*tensors16, k=4, batch_topk=False)
+    g32 = torch.autograd.grad(out32["loss"], tensors32)
+    g16 = torch.autograd.grad(out16["loss"], tensors16)
+    assert torch.allclose(out16["loss"].float(), out32["loss"], rtol=3e-2)
+    for name, a, b in zip(NAMES, g32, g16):
+        assert b.dtype == torch.bfloat16, name
+        assert (b.float() - a).norm() <= 0.05 * a.norm(), name
