@@ -214,7 +214,7 @@ def read_features(path: str | Path) -> dict[str, np.ndarray]:
     """Read a features.csv back into columns: bools as bool, `feature`/`rank` as int (empty rank = 0), rest float."""
     path = Path(path)
     if not path.exists():
-        raise StagediffError(f"{path} does not exist: run `stagediff diff RUN` first")
+        raise StagediffError(f"{path} does not exist: run the step that writes it first (`stagediff {path.parent.name} RUN`)")
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     names, body = rows[0], rows[1:]
@@ -368,7 +368,7 @@ def _summary(cfg, axes, edges, cols, sel, live, dead, vec, missing_freq, floor, 
         "features": int(len(live)), "live": int(live.sum()), "dead": int(dead.sum()), "selected": int(sel["selected"].sum()),
         "stages": {s: short(s) for e in edges for s in e},
         "edges": {cos_column(k, *e): _quantiles(cols[cos_column(k, *e)][live]) for k in ("dec", "enc") for e in edges},
-        "top": [{c: _jsonable(cols[c][i]) for c in show} for i in top_idx],
+        "top": [{c: jsonable(cols[c][i]) for c in show} for i in top_idx],
     }
     if missing_freq:
         summary["frequency_missing"] = missing_freq  # no sparsity.safetensors: these stages cannot mark features dead
@@ -378,7 +378,8 @@ def _summary(cfg, axes, edges, cols, sel, live, dead, vec, missing_freq, floor, 
     return summary
 
 
-def _jsonable(v):
+def jsonable(v):
+    """A numpy/python scalar as plain JSON (NaN → None)."""
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
     if isinstance(v, (int, np.integer)):

@@ -1,0 +1,292 @@
+"""The crosscoder baseline: one dictionary reading and writing both models at once.
+
+An acausal crosscoder over paired activations of the same tokens (the fine-tune data) is
+an SAE over the concatenation [x_base · s_base, x_ft · s_ft], each model normalised on its
+own to mean norm sqrt(d_model) so neither dominates the loss. So it reuses `SAE` and
+`train_sae` unchanged (with a fixed scale of 1: the per-model scales are applied here);
+the decoder row of latent j splits into a base half d_base and a fine-tuned half d_ft.
+
+Per latent we report ‖d_base‖, ‖d_ft‖, the relative norm ‖d_ft‖ / (‖d_base‖ + ‖d_ft‖)
+(≈ 1: exists only in the fine-tuned model, ≈ 0.5: shared, ≈ 0: base only) and the cosine
+between the halves.
+
+Variants (`crosscoder.architecture`):
+- `batchtopk` (default): the shared BatchTopK SAE; largely free of the L1 artefacts.
+- `l1`: ReLU with the crosscoder sparsity penalty λ Σ_j f_j (‖d_base,j‖ + ‖d_ft,j‖): the
+  SUM of the per-model decoder norms (the shared ReLU SAE weights by the norm of the whole
+  row, which does not favour one-model latents the way the crosscoder loss does). This is
+  the one extension here, `SumNormL1SAE`.
+
+Latent Scaling (Minder et al. 2025; `crosscoder.latent_scaling`): for each latent, the
+closed-form least-squares β_m fitting β · f_j(x) · u_j (u_j = the unit fine-tuned decoder
+half) to model m's reconstruction error with latent j's own contribution put back,
+y_m = x_m − x̂_m + f_j d_m,j. ν = β_base / β_ft: ≈ 0 for a truly fine-tune-exclusive latent,
+≈ 1 for a shared one, even where the decoder norms say otherwise (shrinkage, decoupling).
+It fits the fine-tuned direction to the base model's activations, so it assumes the two
+models share a residual basis, as a fine-tune and its base do.
+
+Score (`crosscoder_scores`, higher = more fine-tune-exclusive): the relative norm, or with
+Latent Scaling 1 − clip(ν, 0, 1). Latents that never fired (firing rate below
+`diff.min_frequency`) are marked dead: score NaN, no rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stagediff.config import Config, SAEConfig
+from stagediff.diff import jsonable, load_frequency, read_features, write_csv
+from stagediff.errors import StagediffError
+from stagediff.files import atomic_path, read_json, write_json
+from stagediff.runtime import resolve_device
+from stagediff.sae import SAE
+from stagediff.stages import store_name
+
+LS_ROWS = 65536  # activation rows read for Latent Scaling
+MEAN_NORM_ROWS = 65536  # rows measured per model for its scale
+
+
+# ---------------------------------------------------------------- data
+
+
+class ScaledPair:
+    """A PairedStore whose base and fine-tuned halves are each scaled to mean norm sqrt(d_model)."""
+
+    def __init__(self, paired, d_base: int, scale_base: float | None = None, scale_ft: float | None = None):
+        self.paired, self.d_base, self.d_in = paired, d_base, paired.d_in
+        self.d_ft = paired.d_in - d_base
+        if scale_base is None or scale_ft is None:
+            scale_base, scale_ft = _model_scale(paired.a, d_base), _model_scale(paired.b, self.d_ft)
+        self.scales = torch.tensor([scale_base] * d_base + [scale_ft] * self.d_ft)
+        self.scale_base, self.scale_ft = float(scale_base), float(scale_ft)
+
+    def batches(self, batch_size: int, *, seed: int, start_step: int = 0, device="cpu") -> Iterator[Tensor]:
+        scales = self.scales.to(device)
+        for x in self.paired.batches(batch_size, seed=seed, start_step=start_step, device=device):
+            yield x * scales
+
+    def mean_norm(self, max_rows: int = MEAN_NORM_ROWS) -> float:
+        x = next(self.batches(min(max_rows, self.paired.num_rows), seed=0))
+        return float(x.double().norm(dim=1).mean())
+
+
+def _model_scale(store, d: int) -> float:
+    norm = float(store.mean_norm(max_rows=MEAN_NORM_ROWS))
+    if not (math.isfinite(norm) and norm > 0):
+        raise StagediffError(f"activation store {getattr(store, 'path', store)} has mean norm {norm}: harvest it again")
+    return math.sqrt(d) / norm
+
+
+# ---------------------------------------------------------------- the L1 variant
+
+
+class SumNormL1SAE(SAE):
+    """ReLU SAE whose L1 penalty weights each latent by ‖d_base‖ + ‖d_ft‖ (the crosscoder loss).
+
+    Built with `l1_coefficient = 0` in its SAEConfig (so the shared loss is MSE + aux-k
+    only) and the crosscoder's coefficient added here.
+    """
+
+    d_base: int = 0
+    l1: float = 0.0
+
+    def training_forward(self, x_s: Tensor, dead: Tensor | None = None) -> dict[str, Tensor]:
+        out = super().training_forward(x_s, dead)
+        b_enc, b_dec, _ = self.scaled_biases()
+        f = ((x_s - b_dec) @ self.W_enc + b_enc).relu()
+        sparsity = (f * sum_of_half_norms(self.W_dec, self.d_base)).sum(-1).mean()
+        out["loss"] = out["loss"] + self.l1 * sparsity
+        out["sparsity"] = sparsity.detach()
+        return out
+
+
+def sum_of_half_norms(W_dec: Tensor, d_base: int) -> Tensor:
+    """‖d_base‖ + ‖d_ft‖ per latent, differentiable."""
+    return W_dec[:, :d_base].norm(dim=1) + W_dec[:, d_base:].norm(dim=1)
+
+
+def _l1_class(d_base: int, l1: float) -> type[SAE]:
+    return type("SumNormL1SAE", (SumNormL1SAE,), {"d_base": d_base, "l1": float(l1)})
+
+
+# ---------------------------------------------------------------- per-latent numbers
+
+
+def decoder_halves(W_dec: Tensor, d_base: int) -> dict[str, np.ndarray]:
+    """Norms of the base and fine-tuned decoder halves, relative norm, cosine between the halves."""
+    W = W_dec.detach().double().cpu()
+    base, ft = W[:, :d_base], W[:, d_base:]
+    nb, nf = base.norm(dim=1), ft.norm(dim=1)
+    rel = nf / (nb + nf)
+    cos = (base * ft).sum(1) / (nb * nf) if base.shape[1] == ft.shape[1] else torch.full_like(nb, float("nan"))
+    return {"norm_base": nb.numpy(), "norm_ft": nf.numpy(), "relative_norm": rel.numpy(), "cos_base_ft": cos.numpy()}
+
+
+@torch.no_grad()
+def latent_scaling(sae: SAE, rows: Iterator[Tensor], d_base: int, max_rows: int = LS_ROWS) -> dict[str, np.ndarray]:
+    """β_base, β_ft and ν = β_base / β_ft per latent over up to `max_rows` paired (scaled) rows.
+
+    β_m = Σ_t f_t (u · y_m,t) / Σ_t f_t², u = unit fine-tuned decoder half,
+    y_m,t = e_m,t + f_t d_m (model m's reconstruction error plus the latent's own part).
+    Accumulated as f^T e (latents × d) so memory does not grow with the rows.
+    """
+    W = sae.W_dec.double()
+    halves = {"base": W[:, :d_base], "ft": W[:, d_base:]}
+    u = halves["ft"] / halves["ft"].norm(dim=1, keepdim=True).clamp_min(1e-12)
+    fe = {m: torch.zeros_like(h) for m, h in halves.items()}
+    f2 = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
+    seen = 0
+    for x in rows:
+        x = x[: max_rows - seen].to(W.device)
+        f = sae.encode(x)
+        err = (x - sae.decode(f)).double()
+        f = f.double()
+        fe["base"] += f.T @ err[:, :d_base]
+        fe["ft"] += f.T @ err[:, d_base:]
+        f2 += f.pow(2).sum(0)
+        seen += len(x)
+        if seen >= max_rows:
+            break
+    beta = {}
+    for m, h in halves.items():
+        num = (fe[m] * u).sum(1) + f2 * (h * u).sum(1)
+        beta[m] = torch.where(f2 > 0, num / f2.clamp_min(1e-300), torch.full_like(f2, float("nan")))
+    nu = beta["base"] / beta["ft"]
+    return {"beta_base": beta["base"].cpu().numpy(), "beta_ft": beta["ft"].cpu().numpy(), "nu": nu.cpu().numpy()}
+
+
+def rank_scores(score: np.ndarray, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(score with NaN for dead latents, 1-based rank by descending score; 0 = unranked)."""
+    score = np.where(dead | ~np.isfinite(score), np.nan, score)
+    rank = np.zeros(len(score), dtype=np.int64)
+    idx = np.flatnonzero(np.isfinite(score))
+    rank[idx[np.argsort(-score[idx], kind="stable")]] = np.arange(1, len(idx) + 1)
+    return score, rank
+
+
+# ---------------------------------------------------------------- the step
+
+
+def crosscoder_sae_config(cfg: Config) -> SAEConfig:
+    """The SAEConfig the crosscoder trains with: sae.* with the crosscoder's own overrides."""
+    cc = cfg.crosscoder
+    if cc.architecture not in ("batchtopk", "l1"):
+        raise StagediffError(f"crosscoder.architecture={cc.architecture!r} is unknown: use batchtopk or l1")
+    arch = "batchtopk" if cc.architecture == "batchtopk" else "relu"
+    return dataclasses.replace(cfg.sae, architecture=arch, d_sae=cc.d_sae or cfg.sae.d_sae, k=cc.k or cfg.sae.k,
+                               l1_coefficient=0.0 if arch == "relu" else cfg.sae.l1_coefficient)
+
+
+def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
+    """Train the crosscoder on RUN/activations/{base,finetuned}__finetune; write RUN/crosscoder/. Returns that folder."""
+    from stagediff.activations import PairedStore
+    from stagediff.train import train_sae
+
+    run_dir = Path(run_dir)
+    out = run_dir / "crosscoder"
+    cc = cfg.crosscoder
+    paths = [run_dir / "activations" / store_name(m, "finetune") for m in ("base", "finetuned")]
+    for p in paths:
+        if not (p / "manifest.json").exists():
+            raise StagediffError(f"the crosscoder needs the activation store {p}: run `stagediff harvest {run_dir}` first")
+    paired = PairedStore(*paths)
+    store = ScaledPair(paired, paired.a.d_in)
+    sae_cfg = crosscoder_sae_config(cfg)
+    tokens = cc.tokens or (cfg.stages["S"].tokens if "S" in cfg.stages else max(s.tokens for s in cfg.stages.values()))
+    lr = cc.lr or cfg.sae.lr
+    device = resolve_device(cfg.device)
+    meta = {
+        "model_name": f"{cfg.base_model} + {cfg.finetuned_model}", "hook_name": cfg.hook,
+        "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos, "dataset_path": cfg.finetune_data.path,
+        "crosscoder": {"models": ["base", "finetuned"], "d_model": store.d_base, "scale_base": store.scale_base,
+                       "scale_ft": store.scale_ft, "variant": cc.architecture, "l1_coefficient": cc.l1_coefficient,
+                       "layout": "input [x_base*scale_base, x_ft*scale_ft]; W_dec[:, :d_model] base, [:, d_model:] fine-tuned"},
+    }
+    kwargs = {}
+    if cc.architecture == "l1":
+        if "sae_class" not in inspect.signature(train_sae).parameters:
+            raise StagediffError("crosscoder.architecture=l1 needs train_sae(sae_class=...) (not in this version): "
+                                 "use crosscoder.architecture=batchtopk")
+        kwargs["sae_class"] = _l1_class(store.d_base, cc.l1_coefficient)
+    out.mkdir(parents=True, exist_ok=True)
+    sae = train_sae(store, sae_cfg, tokens=tokens, lr=lr, out_dir=out, stage="crosscoder", scale=1.0,
+                    seed=cfg.seed, device=device, metadata=meta, **kwargs)
+    ls = None
+    if cc.latent_scaling:
+        ls = latent_scaling(sae, store.batches(4096, seed=cfg.seed + 1, device=device), store.d_base)
+    write_crosscoder_outputs(out, sae, store.d_base, cfg, ls, extra={"tokens": tokens, "lr": lr,
+                             "scale_base": store.scale_base, "scale_ft": store.scale_ft})
+    return out
+
+
+def write_crosscoder_outputs(out: Path, sae: SAE, d_base: int, cfg: Config, ls: dict | None = None,
+                             extra: dict | None = None) -> dict:
+    """features.csv, summary.json and relative_norm.png of a trained crosscoder in `out`; returns the summary."""
+    n = sae.W_dec.shape[0]
+    cols: dict[str, np.ndarray] = {"feature": np.arange(n)}
+    cols.update(decoder_halves(sae.W_dec, d_base))
+    freq = load_frequency(out)
+    cols["freq"] = freq if freq is not None else np.full(n, np.nan)
+    dead = cols["freq"] < cfg.diff.min_frequency  # NaN (unknown) is not dead
+    if ls is not None:
+        cols.update(ls)
+        dead |= ~np.isfinite(ls["nu"])  # never fired in the Latent Scaling sample: cannot be judged
+        raw = 1.0 - np.clip(ls["nu"], 0.0, 1.0)
+    else:
+        raw = cols["relative_norm"]
+    cols["dead"] = dead
+    cols["score"], cols["rank"] = rank_scores(raw, dead)
+    write_csv(out / "features.csv", cols)
+
+    live = ~dead
+    rel = cols["relative_norm"][live]
+    counts, edges = np.histogram(rel, bins=20, range=(0.0, 1.0))
+    stats_path = out / "stats.json"
+    top = np.flatnonzero(cols["rank"])
+    top = top[np.argsort(cols["rank"][top])][:20]
+    summary = {
+        "variant": cfg.crosscoder.architecture, "latent_scaling": bool(ls is not None),
+        "score": "1 - clip(nu, 0, 1)" if ls is not None else "relative_norm = |d_ft| / (|d_base| + |d_ft|)",
+        "latents": n, "live": int(live.sum()), "dead": int(dead.sum()),
+        "ft_exclusive": int((rel >= 0.9).sum()), "base_exclusive": int((rel <= 0.1).sum()),
+        "shared": int(((rel > 0.3) & (rel < 0.7)).sum()),
+        "relative_norm_quantiles": {q: float(np.quantile(rel, v)) for q, v in
+                                    (("min", 0), ("p5", .05), ("p50", .5), ("p95", .95), ("max", 1))} if len(rel) else None,
+        "relative_norm_histogram": {"edges": edges.tolist(), "counts": counts.tolist()},
+        "training": read_json(stats_path) if stats_path.exists() else None,
+        **(extra or {}),
+        "top": [{c: jsonable(cols[c][i]) for c in cols} for i in top],
+    }
+    write_json(out / "summary.json", summary)
+    _histogram(out / "relative_norm.png", rel, cfg.crosscoder.architecture)
+    return summary
+
+
+def crosscoder_scores(run_dir: Path) -> np.ndarray:
+    """Per latent, higher = more fine-tune-exclusive (NaN = dead); from RUN/crosscoder/features.csv."""
+    return read_features(Path(run_dir) / "crosscoder" / "features.csv")["score"]
+
+
+def _histogram(path: Path, rel: np.ndarray, variant: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.hist(rel, bins=50, range=(0, 1), color="#4c72b0")
+    ax.set_yscale("log")
+    ax.set_xlabel("relative decoder norm  |d_ft| / (|d_base| + |d_ft|)")
+    ax.set_ylabel("live latents")
+    ax.set_title(f"crosscoder ({variant})\n0 = base only, 0.5 = shared, 1 = fine-tuned only", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
