@@ -1,0 +1,248 @@
+"""Text datasets in, fixed-size token windows out.
+
+Formats (`DataConfig.format`, `auto` picks by extension):
+- text: a `.txt` file, or a folder of `.txt` files; documents are separated by
+  blank lines (one or more empty lines end a document);
+- jsonl: one JSON object per line, the text under `DataConfig.field`;
+- parquet: the column `DataConfig.field` (needs pyarrow);
+- hf: a folder written by `datasets.save_to_disk`, or a dataset name/script
+  loaded with `load_dataset(path, split=split)` (needs `datasets`).
+
+Windows: documents are tokenized in batches, joined with EOS between them and
+cut into windows of `context_size` tokens that each start with BOS. The mask is
+False at BOS and padding: BOS activations have outlier norms that wreck SAEs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from stagediff.config import DataConfig
+from stagediff.errors import StagediffError
+from stagediff.files import fingerprint, sha256_file
+
+_EXTENSIONS = {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
+_FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
+
+
+@dataclass
+class TokenWindows:
+    """Token windows of one dataset. `mask` is True where an activation is kept (not BOS, not padding).
+
+    Padding, where there is any, is always on the right, so a causal model's
+    activations at the valid positions do not depend on it.
+    """
+
+    ids: torch.Tensor  # LongTensor [N, T]
+    mask: torch.Tensor  # BoolTensor [N, T]
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of valid (kept) positions."""
+        return int(self.mask.sum())
+
+    @property
+    def context_size(self) -> int:
+        return self.ids.shape[1]
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_texts(cfg: DataConfig) -> Iterator[str]:
+    """Yield the documents of a dataset, lazily, in file order."""
+    fmt = resolve_format(cfg)
+    if fmt == "hf":
+        yield from _check_nonempty(_read_hf(cfg), cfg)
+        return
+    files = _files(Path(cfg.path).expanduser(), fmt)
+    reader = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt]
+    yield from _check_nonempty(itertools.chain.from_iterable(reader(f, cfg.field) for f in files), cfg)
+
+
+def resolve_format(cfg: DataConfig) -> str:
+    """The concrete format of `cfg` (resolving `auto`), checking the path exists."""
+    if cfg.format not in _FORMATS:
+        raise StagediffError(f"data format {cfg.format!r} of {cfg.path} is unknown: use one of {', '.join(_FORMATS)}")
+    if not cfg.path:
+        raise StagediffError("a dataset has no path: set path (and format) in its data section")
+    path = Path(cfg.path).expanduser()
+    if cfg.format == "hf":
+        return "hf"  # may be a hub dataset name, not a local path
+    if not path.exists():
+        raise StagediffError(f"data path {cfg.path} does not exist: pass a .txt/.jsonl/.parquet file, a folder, "
+                             "or a Hugging Face dataset with format: hf")
+    if cfg.format != "auto":
+        return cfg.format
+    if path.is_file():
+        if path.suffix in _EXTENSIONS:
+            return _EXTENSIONS[path.suffix]
+        raise StagediffError(f"cannot tell the format of {cfg.path} from its extension: set format to text, jsonl or parquet")
+    if any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        return "hf"
+    for ext, fmt in _EXTENSIONS.items():
+        if any(path.glob(f"*{ext}")):
+            return fmt
+    raise StagediffError(f"data folder {cfg.path} holds no .txt, .jsonl or .parquet files and is not a saved HF dataset")
+
+
+def _files(path: Path, fmt: str) -> list[Path]:
+    if path.is_file():
+        return [path]
+    ext = {v: k for k, v in _EXTENSIONS.items()}[fmt]
+    files = sorted(path.glob(f"*{ext}"))
+    if not files:
+        raise StagediffError(f"data folder {path} holds no {ext} files (format {fmt})")
+    return files
+
+
+def _check_nonempty(texts: Iterable[str], cfg: DataConfig) -> Iterator[str]:
+    n = 0
+    for t in texts:
+        if t:
+            n += 1
+            yield t
+    if n == 0:
+        raise StagediffError(f"dataset {cfg.path} holds no text: check the file and the field ({cfg.field!r})")
+
+
+def _read_text(path: Path, field: str) -> Iterator[str]:
+    doc: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                doc.append(line.rstrip("\n"))
+            elif doc:
+                yield "\n".join(doc)
+                doc = []
+    if doc:
+        yield "\n".join(doc)
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StagediffError(f"{path} line {n} is not valid JSON ({e}): fix or remove that line") from None
+            if not isinstance(obj, dict) or field not in obj:
+                keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise StagediffError(f"{path} line {n} has no field {field!r} (available: {keys}): set field to the text key")
+            yield str(obj[field])
+
+
+def _read_parquet(path: Path, field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise StagediffError("reading parquet needs pyarrow: pip install pyarrow") from None
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise StagediffError(f"{path} has no column {field!r} (available: {', '.join(names)}): set field to the text column")
+    for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        for t in batch.column(0).to_pylist():
+            if t is not None:
+                yield str(t)
+
+
+def _read_hf(cfg: DataConfig) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise StagediffError("reading Hugging Face datasets needs the datasets package: pip install datasets") from None
+    path = Path(cfg.path).expanduser()
+    try:
+        if path.exists():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise StagediffError(f"dataset {cfg.path} has no split {cfg.split!r} (splits: {', '.join(ds)}): set split")
+                ds = ds[cfg.split]
+        else:
+            ds = datasets.load_dataset(cfg.path, split=cfg.split)
+    except StagediffError:
+        raise
+    except Exception as e:
+        raise StagediffError(f"could not load dataset {cfg.path} split {cfg.split!r} ({type(e).__name__}: {e})") from None
+    if cfg.field not in ds.column_names:
+        raise StagediffError(f"dataset {cfg.path} has no column {cfg.field!r} (available: {', '.join(ds.column_names)}): set field")
+    for row in ds.select_columns([cfg.field]):
+        if row[cfg.field] is not None:
+            yield str(row[cfg.field])
+
+
+def data_fingerprint(cfg: DataConfig) -> str:
+    """A stable fingerprint of a dataset: its settings plus the sha256 of every local file."""
+    path = Path(cfg.path).expanduser()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
+    return fingerprint({"format": resolve_format(cfg), "field": cfg.field, "split": cfg.split,
+                        "path": cfg.path if not files else None,  # only a hub dataset is known by its name
+                        "files": [(str(f.relative_to(path)) if path.is_dir() else f.name, sha256_file(f)) for f in files]})
+
+
+# ---------------------------------------------------------------- windows
+
+
+def pack_windows(texts: Iterable[str], tokenizer, context_size: int, prepend_bos: bool = True,
+                 max_windows: int | None = None, batch_docs: int = 256) -> TokenWindows:
+    """Tokenize `texts` and pack them into windows of `context_size` tokens.
+
+    Documents are joined with EOS between them. Each window starts with BOS
+    (when `prepend_bos` and the tokenizer has one) followed by the next
+    `context_size - 1` tokens of the stream. A last, shorter window is padded on
+    the right. Reading stops as soon as `max_windows` windows are filled.
+    """
+    bos = tokenizer.bos_token_id if prepend_bos else None
+    eos = tokenizer.eos_token_id
+    pad = next((t for t in (tokenizer.pad_token_id, eos, 0) if t is not None))
+    body = context_size - (bos is not None)  # stream tokens per window
+    if body < 1:
+        raise StagediffError(f"context_size {context_size} is too small: use at least 2")
+    windows: list[list[int]] = []
+    stream: list[int] = []
+    first = True
+    docs = iter(texts)
+    while max_windows is None or len(windows) < max_windows:
+        batch = list(itertools.islice(docs, batch_docs))
+        if not batch:
+            break
+        # verbose=False: long documents are fine here, we cut them into windows ourselves
+        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+            if not first and eos is not None:
+                stream.append(eos)
+            first = False
+            stream.extend(ids)
+        n_full = len(stream) // body
+        if max_windows is not None:
+            n_full = min(n_full, max_windows - len(windows))
+        windows.extend(stream[i * body:(i + 1) * body] for i in range(n_full))
+        del stream[:n_full * body]
+    if max_windows is None or len(windows) < max_windows:
+        if stream:
+            windows.append(stream)  # the tail, padded below
+    if not windows or (len(windows) == 1 and len(windows[0]) < body):
+        found = len(windows[0]) if windows else 0
+        raise StagediffError(f"the data holds {found} tokens, less than one window of {body} (context_size {context_size}): "
+                             "add more text or lower context_size")
+    ids = torch.full((len(windows), context_size), pad, dtype=torch.long)
+    mask = torch.zeros((len(windows), context_size), dtype=torch.bool)
+    start = int(bos is not None)
+    if bos is not None:
+        ids[:, 0] = bos
+    for i, w in enumerate(windows):
+        ids[i, start:start + len(w)] = torch.tensor(w, dtype=torch.long)
+        mask[i, start:start + len(w)] = True
+    return TokenWindows(ids=ids, mask=mask)

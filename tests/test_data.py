@@ -1,0 +1,114 @@
+"""data.py: readers for every format, window packing, fingerprints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stagediff.config import DataConfig
+from stagediff.data import data_fingerprint, pack_windows, read_texts
+from stagediff.errors import StagediffError
+
+
+def test_text_file_documents_are_separated_by_blank_lines(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("first line\nstill first\n\n\nsecond doc\n\nthird\n")
+    assert list(read_texts(DataConfig(path=str(f)))) == ["first line\nstill first", "second doc", "third"]
+    (tmp_path / "b.txt").write_text("fourth")
+    (tmp_path / "skip.md").write_text("not text")
+    assert list(read_texts(DataConfig(path=str(tmp_path)))) == ["first line\nstill first", "second doc", "third", "fourth"]
+
+
+def test_jsonl_reader_and_missing_field(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(["a b", "c d", "e"])) + "\n\n")
+    assert list(read_texts(DataConfig(path=str(f)))) == ["a b", "c d", "e"]
+    with pytest.raises(StagediffError, match=r"no field 'body' \(available: text, id\)"):
+        list(read_texts(DataConfig(path=str(f), field="body")))
+
+
+def test_parquet_reader_and_missing_field(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"content": ["x y", None, "z"], "n": [1, 2, 3]}), f)
+    assert list(read_texts(DataConfig(path=str(f), field="content"))) == ["x y", "z"]
+    with pytest.raises(StagediffError, match=r"no column 'text' \(available: content, n\)"):
+        list(read_texts(DataConfig(path=str(f))))
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(StagediffError, match="does not exist"):
+        list(read_texts(DataConfig(path=str(tmp_path / "missing.txt"))))
+    with pytest.raises(StagediffError, match="unknown"):
+        list(read_texts(DataConfig(path=str(tmp_path), format="csv")))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(StagediffError, match="set format"):
+        list(read_texts(DataConfig(path=str(tmp_path / "x.csv"))))
+    (tmp_path / "empty.txt").write_text("\n\n  \n")
+    with pytest.raises(StagediffError, match="holds no text"):
+        list(read_texts(DataConfig(path=str(tmp_path / "empty.txt"))))
+
+
+def test_pack_windows_masks_bos_and_padding(tokenizer, verses):
+    texts = list(verses[:20])
+    w = pack_windows(texts, tokenizer, context_size=32)
+    assert w.ids.dtype == torch.long and w.mask.dtype == torch.bool and w.ids.shape[1] == 32
+    assert (w.ids[:, 0] == tokenizer.bos_token_id).all() and not w.mask[:, 0].any()
+    # the stream is the documents joined by EOS, in order, with nothing lost
+    stream = w.ids[w.mask].tolist()
+    expected = []
+    for i, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        expected += ([tokenizer.eos_token_id] if i else []) + ids
+    assert stream == expected and w.num_tokens == len(expected)
+    # only the last window is padded, on the right, and padding is masked
+    assert w.mask[:-1, 1:].all()
+    tail = int(w.mask[-1].sum())
+    assert 0 < tail < 31 and (w.ids[-1, 1 + tail:] == tokenizer.pad_token_id).all() and not w.mask[-1, 1 + tail:].any()
+    again = pack_windows(texts, tokenizer, context_size=32)
+    assert torch.equal(again.ids, w.ids) and torch.equal(again.mask, w.mask)
+    no_bos = pack_windows(texts, tokenizer, context_size=32, prepend_bos=False)
+    assert no_bos.mask[:-1].all() and no_bos.ids[no_bos.mask].tolist() == expected
+
+
+def test_pack_windows_stops_reading_at_max_windows(tokenizer, verses):
+    read = [0]
+
+    def texts():
+        for v in verses:
+            read[0] += 1
+            yield v
+
+    w = pack_windows(texts(), tokenizer, context_size=64, max_windows=5, batch_docs=16)
+    assert w.ids.shape == (5, 64) and w.mask[:, 1:].all()
+    assert read[0] <= 64  # a few batches of 16 verses, not the whole Bible
+
+
+def test_pack_windows_too_little_data(tokenizer):
+    with pytest.raises(StagediffError, match=r"holds \d+ tokens, less than one window of 127.*lower context_size"):
+        pack_windows(["a short text"], tokenizer, context_size=128)
+
+
+def test_data_fingerprint(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("one\n\ntwo")
+    fp = data_fingerprint(DataConfig(path=str(f)))
+    assert fp == data_fingerprint(DataConfig(path=str(f)))
+    assert fp != data_fingerprint(DataConfig(path=str(f), field="other"))
+    f.write_text("one\n\nthree")
+    assert fp != data_fingerprint(DataConfig(path=str(f)))
+
+
+def test_hf_format_needs_datasets_or_loads_from_disk(tmp_path):
+    cfg = DataConfig(path=str(tmp_path / "saved"), format="hf")
+    try:
+        import datasets
+    except ImportError:
+        with pytest.raises(StagediffError, match="pip install datasets"):
+            list(read_texts(cfg))
+        return
+    datasets.Dataset.from_dict({"text": ["a b", "c"]}).save_to_disk(cfg.path)
+    assert list(read_texts(DataConfig(path=cfg.path))) == ["a b", "c"]  # auto-detected as hf
