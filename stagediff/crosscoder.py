@@ -216,7 +216,6 @@ def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
             raise StagediffError("crosscoder.architecture=l1 needs train_sae(sae_class=...) (not in this version): "
                                  "use crosscoder.architecture=batchtopk")
         kwargs["sae_class"] = _l1_class(store.d_base, cc.l1_coefficient)
-    out.mkdir(parents=True, exist_ok=True)
     sae = train_sae(store, sae_cfg, tokens=tokens, lr=lr, out_dir=out, stage="crosscoder", scale=1.0,
                     seed=cfg.seed, device=device, metadata=meta, **kwargs)
     ls = None

@@ -203,3 +203,23 @@ def test_bad_input(tmp_path):
     with pytest.raises(StagediffError, match="train stage"):
         diff_run(tmp_path, load_config())
     assert np.isnan(rowwise_cosine(torch.zeros(1, 3), torch.ones(1, 3))[0])
+
+
+def test_reads_saes_saved_by_the_sae_module(tmp_path):
+    """Stages written by SAE.save (raw-unit layout, its own scale, sparsity file) diff like the planted tensors."""
+    from stagediff.config import SAEConfig
+    from stagediff.sae import SAE
+
+    planted = _planted_run(tmp_path / "planted")
+    for i, (stage, (dec, enc)) in enumerate(planted.items()):
+        sae = SAE(D_IN, SAEConfig(architecture="topk", d_sae=N, k=4), scale=0.5 + i)
+        with torch.no_grad():
+            sae.W_dec.copy_(dec)
+            sae.W_enc.copy_(enc.T)
+        log_freq = torch.full((N,), -2.0)
+        if stage.startswith("F"):
+            log_freq[DEAD] = -10.0  # log10(0 + 1e-10), as train_sae writes a feature that never fired
+        sae.save(tmp_path / "saes" / stage, {"stage": stage}, sparsity=log_freq)
+    summary = diff_run(tmp_path, load_config(overrides=["diff.selection=threshold"]))
+    cols = read_features(tmp_path / "diff" / "features.csv")
+    assert sorted(np.flatnonzero(cols["selected"])) == PLANTED and summary["dead"] == len(DEAD)
