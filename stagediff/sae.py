@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from stagediff.config import SAEConfig, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import load_tensors, read_json, save_tensors, sha256_file, write_json
+from stagediff.kernels import topk_training_forward
 
 ARCHITECTURES = ("batchtopk", "topk", "relu", "jumprelu")
 SAELENS_ARCH = {"batchtopk": "jumprelu", "topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
@@ -53,6 +54,8 @@ THRESHOLD_EMA = 0.01  # BatchTopK inference threshold: EMA of the batch's smalle
 
 class SAE(nn.Module):
     """A dictionary of `cfg.d_sae` unit-norm features over `d_in`-dim activations."""
+
+    sparse_kernel = True  # TopK/BatchTopK train through kernels.py; False = the dense path below
 
     def __init__(self, d_in: int, cfg: SAEConfig, scale: float = 1.0, generator: torch.Generator | None = None):
         super().__init__()
@@ -122,6 +125,11 @@ class SAE(nn.Module):
         """
         cfg = self.cfg
         b_enc, b_dec, threshold = self.scaled_biases()
+        if self.sparse_kernel and cfg.architecture in ("topk", "batchtopk"):
+            # same losses and gradients; every product but the encoder's is sparse (kernels.py)
+            return topk_training_forward(x_s, self.W_enc, b_enc, self.W_dec, b_dec, k=cfg.k,
+                                         batch_topk=cfg.architecture == "batchtopk", dead=dead,
+                                         aux_k=cfg.aux_k, aux_k_coefficient=cfg.aux_k_coefficient)
         pre = (x_s - b_dec) @ self.W_enc + b_enc
         out: dict[str, Tensor] = {}
         sparsity = pre.new_zeros(())

@@ -148,3 +148,32 @@ def test_bfloat16_runs_and_tracks_fp32():
     for name, a, b in zip(NAMES, g32, g16):
         assert b.dtype == torch.bfloat16, name
         assert (b.float() - a).norm() <= 0.05 * a.norm(), name
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sae_training_forward_routes_through_the_kernel(arch):
+    """SAE.training_forward (sparse by default) matches its own dense path: outputs and every gradient."""
+    from stagediff.config import SAEConfig
+    from stagediff.sae import SAE
+
+    sae = SAE(16, SAEConfig(architecture=arch, d_sae=64, k=4, aux_k=8), scale=1.9,
+              generator=torch.Generator().manual_seed(0)).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for t in (sae.W_enc, sae.b_enc, sae.b_dec):
+            t.add_(0.1 * torch.randn(t.shape, generator=g, dtype=t.dtype))
+    x = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    dead = torch.arange(64) % 5 == 0
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    results = []
+    for sparse in (True, False):
+        sae.sparse_kernel = sparse
+        out = sae.training_forward(x, dead)
+        results.append((out, torch.autograd.grad(out["loss"], params)))
+    (out_s, g_s), (out_d, g_d) = results
+    assert set(out_s) == set(out_d)
+    assert float(out_s["aux"]) > 0
+    for key in out_d:
+        assert torch.allclose(out_s[key].to(out_d[key].dtype), out_d[key], rtol=1e-9, atol=1e-11), key
+    for a, b in zip(g_s, g_d):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
