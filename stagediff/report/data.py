@@ -1,0 +1,281 @@
+"""Gather what a run directory holds into one JSON-able dict: the data behind the report page.
+
+Every part is optional except `diff/features.csv`: a run that stopped after the
+diff, or one without an organism, still gets a report of what it has. Files
+written by other steps are read tolerantly (missing keys and columns are skipped,
+never guessed), so the report keeps working while those formats grow.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from stagediff.config import Config, to_dict
+from stagediff.errors import StagediffError
+from stagediff.files import load_tensors, read_json
+from stagediff.stages import STANDARD_GRAPH, resolve_stages
+
+# Stage names as they appear in features.csv column names (dec_cos_D_FD).
+SHORT = {"F_via_D": "FD", "F_via_M": "FM"}
+
+
+def short(stage: str) -> str:
+    return SHORT.get(stage, stage)
+
+
+def read_csv_columns(path: Path) -> dict[str, list]:
+    """A CSV as {column: values}; numbers parsed as floats, true/false as bools, the rest kept as text."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise StagediffError(f"{path} is empty: rerun the step that writes it")
+    header, body = rows[0], rows[1:]
+    return {name: [_parse(r[i]) if i < len(r) else None for r in body] for i, name in enumerate(header)}
+
+
+def _parse(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("", "nan", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _rounded(values: list, digits: int = 6) -> list:
+    """Round floats for the page: 6 decimals resolve small rotations (cos 0.9994 vs 0.9996) and keep the file small."""
+    out = []
+    for v in values:
+        if isinstance(v, bool) or v is None:
+            out.append(v)
+        elif isinstance(v, float):
+            out.append(None if not math.isfinite(v) else (int(v) if v.is_integer() and abs(v) < 2**53 else round(v, digits)))
+        else:
+            out.append(v)
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _truthy(v: Any) -> bool:
+    return v is True or (isinstance(v, float) and v != 0.0) or (isinstance(v, str) and v.lower() in ("yes", "y", "1"))
+
+
+def _read_json_opt(path: Path) -> Any:
+    return read_json(path) if path.exists() else None
+
+
+def gather(run_dir: Path, cfg: Config) -> dict[str, Any]:
+    """Everything the page shows except the per-feature cards (see `cards.py`)."""
+    run_dir = Path(run_dir)
+    features_csv = run_dir / "diff" / "features.csv"
+    if not features_csv.exists():
+        raise StagediffError(f"{features_csv} does not exist: run `stagediff diff {run_dir}` before the report")
+    cols = read_csv_columns(features_csv)
+    if "feature" not in cols:
+        raise StagediffError(f"{features_csv} has no `feature` column: rerun `stagediff diff {run_dir}`")
+    summary = _read_json_opt(run_dir / "diff" / "summary.json") or {}
+
+    metrics = _read_json_opt(run_dir / "eval" / "metrics.json")
+    relevant = _relevant(run_dir, cols, metrics)
+    if relevant is not None:
+        cols["relevant"] = [int(f) in relevant for f in cols["feature"]]
+    cols = {k: _rounded(v) for k, v in cols.items()}
+
+    return {
+        "run": _run_summary(run_dir, cfg),
+        "features": cols,
+        "n_features": len(cols["feature"]),
+        "summary": summary,
+        "axes": _axes(cfg, cols, summary),
+        "views": _first_step_views(cols),
+        "noise_floor": _noise_floor(cols),
+        "organism": _read_json_opt(run_dir / "models" / "organism.json") or (metrics or {}).get("organism"),
+        "eval": metrics,
+        "crosscoder": _crosscoder(run_dir),
+    }
+
+
+def _axes(cfg: Config, cols: dict[str, list], summary: dict) -> dict[str, Any]:
+    """The headline axes and their selection lines: as diff/summary.json recorded them, else from the config."""
+    rule = summary.get("selection") if isinstance(summary.get("selection"), dict) else {}
+    recorded = rule.get("axes") or {}
+    cuts = rule.get("cuts") or {}
+    prefix = "enc_cos" if cfg.diff.vector == "encoder" else "dec_cos"
+    out = []
+    for i, (name, (a, b)) in enumerate(zip("xy", cfg.diff.axes[:2])):
+        entry = recorded.get(name) or {}
+        if isinstance(entry.get("edge"), list) and len(entry["edge"]) == 2:
+            a, b = entry["edge"]
+        column = entry.get("column") or f"{prefix}_{short(a)}_{short(b)}"
+        cut = cuts.get(name)
+        if not isinstance(cut, (int, float)) or isinstance(cut, bool):
+            cut = _threshold_from_config(cfg, cols, column)
+        out.append({"column": column if column in cols else None, "label": f"cos({a}, {b})", "threshold": cut})
+    selection = rule.get("selection") or summary.get("selection") or cfg.diff.selection
+    if selection == "percentile":
+        selection = f"percentile {rule.get('percentile', cfg.diff.percentile):g} of each axis"
+    return {"x": out[0], "y": out[1] if len(out) > 1 else None, "selection": str(selection), "rule": summary.get("rule")}
+
+
+def _threshold_from_config(cfg: Config, cols: dict[str, list], column: str) -> float | None:
+    """The selection line recomputed from the config's rule (runs whose summary.json lacks the cuts)."""
+    if cfg.diff.selection == "threshold":
+        return cfg.diff.threshold
+    if cfg.diff.selection == "percentile" and column in cols:
+        dead = cols.get("dead") or [False] * len(cols[column])
+        live = [v for v, d in zip(cols[column], dead) if _number(v) and not _truthy(d)]
+        return float(np.percentile(live, cfg.diff.percentile)) if live else None
+    return None  # noise selection: the cut differs per feature
+
+
+def _first_step_views(cols: dict[str, list]) -> list[dict[str, str]]:
+    """The appendix views: first step against second step of each trajectory, where the columns exist."""
+    views = []
+    for first, second, title in (("S_D", "D_FD", "S→D→F trajectory"), ("S_M", "M_FM", "S→M→F trajectory")):
+        x, y = f"dec_cos_{first}", f"dec_cos_{second}"
+        if x in cols and y in cols:
+            a, b = first.split("_")
+            views.append({"x": x, "y": y, "title": title, "x_label": f"cos({a}, {b})", "y_label": f"cos({b}, {second.split('_')[1]})"})
+    return views
+
+
+def _noise_floor(cols: dict[str, list]) -> dict[str, Any] | None:
+    """The control fine-tune's cosines cos(S, S_noise) per live feature, and the median floor as a cosine."""
+    r0, floor = cols.get("noise_rotation"), cols.get("noise_floor")
+    if r0 is None:
+        return None
+    dead = cols.get("dead") or [False] * len(r0)
+    cos = [round(1.0 - v, 5) for v, d in zip(r0, dead) if _number(v) and not _truthy(d)]
+    live_floor = [v for v, d in zip(floor or [], dead) if _number(v) and not _truthy(d)]
+    median = 1.0 - float(np.median(live_floor)) if live_floor else None
+    return {"cos": cos, "median_cos": median} if cos else None
+
+
+def _relevant(run_dir: Path, cols: dict[str, list], metrics: dict | None) -> set[int] | None:
+    """Ground-truth relevant features: eval/labels.csv (any `relevant*` column), metrics.json's list, or a features.csv column."""
+    listed = ((metrics or {}).get("labels") or {}).get("relevant_features")
+    labels = run_dir / "eval" / "labels.csv"
+    if not labels.exists() and isinstance(listed, list):
+        return {int(f) for f in listed}
+    source = read_csv_columns(labels) if labels.exists() else cols
+    if "feature" not in source:
+        return None
+    flag_cols = [c for c in source if c == "relevant"] or [c for c in source if c.startswith("relevant")]
+    if not flag_cols:
+        return None
+    return {int(f) for i, f in enumerate(source["feature"]) if any(_truthy(source[c][i]) for c in flag_cols)}
+
+
+def _crosscoder(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "crosscoder" / "features.csv"
+    if not path.exists():
+        return None
+    cols = read_csv_columns(path)
+    norm = next((c for c in ("relative_norm", "rel_norm", "relative_decoder_norm") if c in cols), None)
+    if norm is None:
+        return None
+    values = [v for v in cols[norm] if isinstance(v, float) and math.isfinite(v)]
+    return {"relative_norm": _rounded(values, 3), "column": norm}
+
+
+# ---------------------------------------------------------------- run summary
+
+
+def _run_summary(run_dir: Path, cfg: Config) -> dict[str, Any]:
+    """Models, data, hook, budgets, per-stage SAE quality, provenance and wall times."""
+    provenance: dict = {}
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.exists():
+        try:
+            provenance = (yaml.safe_load(cfg_path.read_text()) or {}).get("_run") or {}
+        except yaml.YAMLError:
+            provenance = {}
+    try:
+        stages = [(s.name, s.model, s.data, s.parent, s.tokens) for s in resolve_stages(cfg)]
+    except StagediffError:  # a custom graph this config cannot resolve: list what is on disk
+        stages = []
+    known = {s[0] for s in stages}
+    for d in sorted((run_dir / "saes").glob("*/")) if (run_dir / "saes").exists() else []:
+        if d.name not in known:
+            model, data, parent = STANDARD_GRAPH.get(d.name, (None, None, None))
+            stages.append((d.name, model, data, parent, None))
+    rows = []
+    for name, model, data, parent, tokens in stages:
+        sdir = run_dir / "saes" / name
+        sae_cfg = _read_json_opt(sdir / "cfg.json") or {}
+        stats = _read_json_opt(sdir / "stats.json") or {}
+        meta = sae_cfg.get("metadata") or {}
+        rows.append({
+            "stage": name, "model": model, "data": data, "parent": parent,
+            "tokens": meta.get("tokens_seen") or stats.get("tokens") or tokens,
+            "trained": sdir.exists(),
+            "d_sae": sae_cfg.get("d_sae"), "architecture": sae_cfg.get("architecture"),
+            "explained_variance": _pick(stats, "explained_variance", "ev", "fvu_explained"),
+            "l0": _pick(stats, "l0", "L0", "mean_l0"),
+            "dead_fraction": _pick(stats, "dead_fraction", "dead_frac", "frac_dead"),
+            "tokens_per_s": _pick(stats, "tokens_per_s", "tokens_per_second", "tok_per_s"),
+            "wall_s": _pick(stats, "wall_s", "wall_seconds", "seconds", "elapsed_s"),
+            "sparsity": _sparsity(sdir),
+        })
+    return {
+        "models": cfg.model_paths(),
+        "data": {k: {"path": v.path, "format": v.format} for k, v in cfg.data_configs().items()},
+        "hook": cfg.hook,
+        "context_size": cfg.context_size,
+        "seed": cfg.seed,
+        "sae": {"architecture": cfg.sae.architecture, "d_sae": cfg.sae.d_sae, "k": cfg.sae.k},
+        "diff": to_dict(cfg.diff),
+        "stages": rows,
+        "wall_seconds": provenance.get("wall_seconds") if isinstance(provenance.get("wall_seconds"), dict) else None,
+        "provenance": _flatten({k: v for k, v in provenance.items() if k != "wall_seconds"}),
+        "run_dir": str(run_dir),
+    }
+
+
+def _pick(d: dict, *keys: str) -> Any:
+    for k in keys:
+        if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool):
+            return d[k]
+    return None
+
+
+def _sparsity(sdir: Path) -> dict[str, float] | None:
+    """Share of features with any firing recorded in sparsity.safetensors (SAELens: log10 feature density)."""
+    path = sdir / "sparsity.safetensors"
+    if not path.exists():
+        return None
+    try:
+        tensors = load_tensors(path)
+    except StagediffError:
+        return None
+    t = next(iter(tensors.values()), None)
+    if t is None or t.numel() == 0:
+        return None
+    t = t.float().flatten()
+    density = 10 ** t if float(t.max()) <= 0 else t  # SAELens stores log10 density
+    return {"median_density": round(float(density.median()), 6), "features": int(t.numel())}
+
+
+def _flatten(d: Any, prefix: str = "", out: dict | None = None) -> dict[str, Any]:
+    """Nested provenance as dotted scalar keys (lists of scalars joined), for a simple table."""
+    out = {} if out is None else out
+    if isinstance(d, dict):
+        for k, v in d.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(d, (list, tuple)):
+        out[prefix] = ", ".join(str(x) for x in d)[:200]
+    elif d is not None:
+        out[prefix] = d if isinstance(d, (int, float, bool)) else str(d)[:200]
+    return out
