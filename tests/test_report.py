@@ -186,6 +186,7 @@ def test_report_in_headless_chromium(real_run, tmp_path):
     result = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     assert result["errors"] == []
     assert result["points"] == n and result["skipped"] == 0  # one point per feature
+    assert result["hover"].startswith(f"feature {result['opened']['feature']}") and "D → F_via_D" in result["hover"]
     assert result["opened"]["open"] and result["opened"]["title"] == f"Feature {result['opened']['feature']}"
     assert result["opened"]["contexts"] > 0 and result["opened"]["chips"] >= 20  # a card with contexts and output tokens
     assert set(result["sections"]) == {"overview", "map", "features", "evaluation", "run"}

@@ -507,13 +507,15 @@ if (/selftest/.test(location.search)) {
   const circles = svg ? svg.querySelectorAll("g.points circle") : [];
   const hasCard = (c) => D.cards && D.cards[String(IDS[+c.dataset.i])];
   const target = [...circles].find(hasCard) || [...circles].find((c) => c.classList.contains("selected")) || circles[0];
-  let opened = null;
+  let opened = null, hover = null;
   if (target) {
+    target.dispatchEvent(new MouseEvent("mouseover", { bubbles: true }));
+    hover = tip.style.display === "block" ? tip.textContent : null;
     target.dispatchEvent(new MouseEvent("click", { bubbles: true }));
     opened = { feature: IDS[+target.dataset.i], open: drawer.classList.contains("open"), title: (cardBody.querySelector("h2") || {}).textContent || "" ,
       contexts: cardBody.querySelectorAll(".ctx").length, chips: cardBody.querySelectorAll(".chip").length };
   }
-  const result = { n_features: N, points: circles.length, skipped: svg ? +svg.dataset.skipped : null, opened, errors: ERRORS.slice(),
+  const result = { n_features: N, points: circles.length, hover, skipped: svg ? +svg.dataset.skipped : null, opened, errors: ERRORS.slice(),
     sections: [...document.querySelectorAll("section.panel")].map((x) => x.id) };
   document.body.append(el("pre", { id: "selftest" }, JSON.stringify(result)));
 }
