@@ -114,6 +114,9 @@ def batchtopk_select(pre: Tensor, k: float) -> tuple[Active, Tensor]:
     B, m = pre.shape
     flat = pre.reshape(-1)
     K = min(int(round(k * B)), flat.numel())
+    if K == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=pre.device)
+        return Active.from_sorted(empty, empty, B, m), pre.new_zeros(0)
     stride = max(1, flat.numel() // _SAMPLE)
     sample = pre[::stride].reshape(-1)
     margin = 1.25

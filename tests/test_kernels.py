@@ -177,3 +177,9 @@ def test_sae_training_forward_routes_through_the_kernel(arch):
         assert torch.allclose(out_s[key].to(out_d[key].dtype), out_d[key], rtol=1e-9, atol=1e-11), key
     for a, b in zip(g_s, g_d):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_batchtopk_with_nothing_to_keep():
+    """k * B rounding to 0 selects nothing: x_hat = b_dec and zero encoder gradients, as dense."""
+    out = compare(make(4, 6, 10, seed=11), k=0.1, batch_topk=True)
+    assert float(out["l0"]) == 0
