@@ -33,7 +33,6 @@ Latent Scaling 1 − clip(ν, 0, 1). Latents that never fired (firing rate below
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from pathlib import Path
 from typing import Iterator
@@ -212,9 +211,6 @@ def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
     }
     kwargs = {}
     if cc.architecture == "l1":
-        if "sae_class" not in inspect.signature(train_sae).parameters:
-            raise StagediffError("crosscoder.architecture=l1 needs train_sae(sae_class=...) (not in this version): "
-                                 "use crosscoder.architecture=batchtopk")
         kwargs["sae_class"] = _l1_class(store.d_base, cc.l1_coefficient)
     sae = train_sae(store, sae_cfg, tokens=tokens, lr=lr, out_dir=out, stage="crosscoder", scale=1.0,
                     seed=cfg.seed, device=device, metadata=meta, **kwargs)

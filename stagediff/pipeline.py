@@ -292,8 +292,8 @@ def provenance(wall: dict[str, float]) -> dict:
         "stagediff": __version__,
         "git_revision": _git_revision(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "torch": str(torch.__version__),
+        "transformers": str(transformers.__version__),
         "wall_seconds": dict(wall),
     }
 

@@ -57,8 +57,11 @@ def train_sae(
     seed: int = 0,
     device: torch.device | str = "cpu",
     metadata: dict | None = None,
+    sae_class: type[SAE] = SAE,
 ) -> SAE:
     """Train (or fine-tune from `parent`) one stage's SAE on `tokens` activation rows; save it in `out_dir`.
+
+    `sae_class` lets a variant with its own loss (e.g. the crosscoder's L1) reuse this loop.
 
     Writes cfg.json + sae_weights.safetensors + sparsity.safetensors (SAELens layout),
     stats.json and train_log.jsonl. Returns the trained SAE (or the saved one, if finished).
@@ -66,7 +69,7 @@ def train_sae(
     out_dir = Path(out_dir)
     device = resolve_device(str(device))
     if finished(out_dir):
-        return SAE.load(out_dir, device=device, expected_d_in=store.d_in)
+        return sae_class.load(out_dir, device=device, expected_d_in=store.d_in)
     _check_inputs(store, cfg, tokens, lr, stage, parent, scale)
     steps = math.ceil(tokens / cfg.batch_size)
     parent_sha = parent.sha256() if parent is not None else None
@@ -76,10 +79,10 @@ def train_sae(
     ckpt = _read_checkpoint(ckpt_path, key, device)
 
     if ckpt is not None:
-        sae = SAE(store.d_in, cfg, scale=ckpt["scale"]).to(device)
+        sae = sae_class(store.d_in, cfg, scale=ckpt["scale"]).to(device)
         sae.load_state_dict(ckpt["model"])
     else:
-        sae = initial_sae(store, cfg, parent=parent, scale=scale, seed=seed).to(device)
+        sae = initial_sae(store, cfg, parent=parent, scale=scale, seed=seed, sae_class=sae_class).to(device)
     opt = torch.optim.Adam(sae.param_groups(lr))
     st = _State.fresh(cfg.d_sae, device) if ckpt is None else _State.restore(ckpt, device)
     if ckpt is not None:
@@ -163,14 +166,14 @@ def lr_factor(step: int, steps: int, cfg: SAEConfig) -> float:
 
 
 def initial_sae(store: ActivationSource, cfg: SAEConfig, *, parent: SAE | None = None, scale: float | None = None,
-                seed: int = 0) -> SAE:
+                seed: int = 0, sae_class: type[SAE] = SAE) -> SAE:
     """The SAE at step 0 of a stage, on CPU: an exact copy of `parent`, or a fresh root dictionary.
 
     A root measures the scale (mean norm -> sqrt(d_in)) unless given, initialises on CPU (the
     same init on any device) and sets b_dec to the mean of a batch of activations.
     """
     if parent is not None:
-        sae = SAE(store.d_in, cfg, scale=parent.scale)
+        sae = sae_class(store.d_in, cfg, scale=parent.scale)
         sae.load_state_dict(parent.state_dict())  # every parameter and buffer, exactly
         return sae
     if scale is None:
@@ -178,7 +181,7 @@ def initial_sae(store: ActivationSource, cfg: SAEConfig, *, parent: SAE | None =
         if not (math.isfinite(mean_norm) and mean_norm > 0):
             raise StagediffError(f"the activations have mean norm {mean_norm}: harvest them again (all zero or NaN)")
         scale = math.sqrt(store.d_in) / mean_norm
-    sae = SAE(store.d_in, cfg, scale=scale, generator=seed_everything(seed))
+    sae = sae_class(store.d_in, cfg, scale=scale, generator=seed_everything(seed))
     sample = next(store.batches(cfg.batch_size, seed=seed, device="cpu")).float()
     with torch.no_grad():
         sae.b_dec.copy_(sample.mean(0))  # raw units: the mean of the scaled sample, divided by scale
