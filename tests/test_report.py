@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -49,8 +48,7 @@ def real_run(tmp_path_factory, tiny_llama_dir, verses):
     from stagediff.organism.backdoor import make_backdoor_mix, make_example, make_heldout
     from stagediff.organism.behaviour import evaluate_backdoor
     from stagediff.organism.lm import finetune
-    from stagediff.config import dump_config
-    from stagediff.pipeline import STEP_FUNCTIONS, Run
+    from stagediff.pipeline import run_steps
 
     root = tmp_path_factory.mktemp("report_run")
     run = root / "run"
@@ -88,15 +86,7 @@ def real_run(tmp_path_factory, tiny_llama_dir, verses):
         "organism": {"trigger": TRIGGER, "response": RESPONSE, "mix": 0.25},
         "report": {"cards": 6},
     })
-    steps = Run(cfg, run)
-    wall = {}
-    for name in ("harvest", "train", "diff", "crosscoder", "evaluate"):
-        t0 = time.perf_counter()
-        STEP_FUNCTIONS[name](steps)
-        wall[name] = round(time.perf_counter() - t0, 2)
-    # pipeline.run_steps would write config.yaml, but its provenance (torch.__version__) does not
-    # serialise with yaml.safe_dump yet; record the same wall times the same way.
-    dump_config(cfg, run / "config.yaml", extra={"torch": str(torch.__version__), "wall_seconds": wall})
+    run_steps(cfg, run, ("harvest", "train", "diff", "crosscoder", "evaluate"))
     torch.set_num_threads(threads)
     return run, cfg
 
