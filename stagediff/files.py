@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,9 +47,10 @@ def _atomic_path(path: Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; final files get the usual mode
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as e:
+    except Exception as e:
+        full = not isinstance(e, StagediffError) and disk_full(e, path.parent)  # before the temp file frees space
         _remove(tmp)
-        if e.errno == errno.ENOSPC:
+        if full:
             raise StagediffError(
                 f"disk full while writing {path}: free space on {path.parent} "
                 "(or point --out / STAGEDIFF_CACHE elsewhere) and run the same command "
@@ -58,6 +60,34 @@ def _atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+
+
+def disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether `exc` (raised while writing into `folder`) means the disk is full.
+
+    Writers word it differently: Python raises OSError(ENOSPC), safetensors a SafetensorError
+    "No space left on device (os error 28)", torch.save only "unexpected pos 576 vs 534".
+    So besides the errno and the words, a folder with under 1 MiB free counts as full.
+    """
+    err: BaseException | None = exc
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
+
+
+def remove_temp_files(folder: str | os.PathLike) -> None:
+    """Delete the temp files of writes killed before their rename, under `folder` (a partial shard can be GBs)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for tmp in folder.rglob(".*.tmp"):
+            _remove(str(tmp))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
