@@ -26,7 +26,7 @@ import torch
 from stagediff import __version__
 from stagediff.config import Config, dump_config, to_dict
 from stagediff.errors import StagediffError
-from stagediff.files import fingerprint, read_json, sha256_file, write_json
+from stagediff.files import fingerprint, read_json, remove_temp_files, sha256_file, write_json
 from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
 from stagediff.stages import NOISE_STAGE, Stage, resolve_stages, stage_dir, store_name
 
@@ -59,6 +59,8 @@ class Run:
                     shutil.rmtree(out)
                 elif out.exists():
                     out.unlink()
+        for out in outputs:  # a write killed before its rename leaves its temp file (a shard: GBs)
+            remove_temp_files(out)
         write_json(rec, {"fingerprint": fp, "done": False})
 
     def finish(self, unit: str, fp: str) -> None:
