@@ -158,6 +158,7 @@ class _Writer:
         self.next_shard = len(self.manifest["shards"])
         self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.buffered = 0
+        self.failed = False  # a shard write failed (e.g. disk full): later ones are dropped, resumed next run
 
     def _resume(self, identity: dict) -> dict | None:
         """The existing manifest if it belongs to this very harvest, its shards checked; else None."""
@@ -213,12 +214,20 @@ class _Writer:
         return lambda: self._write_shard(index, tensors)
 
     def _write_shard(self, index: int, tensors: dict[str, torch.Tensor]) -> None:  # writer thread
+        if self.failed:
+            return  # the jobs queued after a failed write must not record a store with a gap
         path = self.folder / shard_name(index)
-        save_tensors(path, tensors)
+        try:
+            save_tensors(path, tensors)
+        except BaseException:
+            self.failed = True
+            raise
         self.manifest["shards"].append({"file": path.name, "rows": len(tensors["acts"]), "sha256": sha256_file(path)})
         write_json(self.folder / MANIFEST, self.manifest)
 
     def _complete(self) -> None:  # writer thread
+        if self.failed:
+            return
         self.manifest["complete"] = True
         write_json(self.folder / MANIFEST, self.manifest)
 
