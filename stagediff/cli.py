@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -50,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stagediff: interrupted; run the same command again to continue from the last checkpoint", file=sys.stderr)
         return 130
+    except OSError as e:  # appends (training logs) and library writes that do not go through files.py
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"stagediff: error: disk full ({e}): free space (or point --out elsewhere) and run the same "
+              "command again; finished work is kept", file=sys.stderr)
+        return 2
     return 0
 
 
