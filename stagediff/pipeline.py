@@ -96,7 +96,7 @@ def step_organism(run: Run) -> None:
 
 def step_harvest(run: Run) -> None:
     """Collect activations of every (model, data) pair the stages need, one pass per dataset."""
-    from stagediff.activations import harvest
+    from stagediff.activations import MANIFEST, harvest
     from stagediff.data import data_fingerprint, pack_windows, read_texts
     from stagediff.models import check_compatible, check_hook, load_model, model_fingerprint
 
@@ -122,7 +122,10 @@ def step_harvest(run: Run) -> None:
         for m in model_keys:
             fps[m] = fingerprint([model_fingerprint(model_paths[m]), data_fingerprint(dcfg), cfg.hook, cfg.context_size,
                                   cfg.prepend_bos, cfg.harvest.dtype, windows_needed])
-        todo = [m for m in model_keys if not run.is_done(f"harvest/{store_name(m, data)}", fps[m])]
+        stores = {m: run.dir / "activations" / store_name(m, data) for m in model_keys}
+        # a store deleted by hand (e.g. a damaged one, as its error message says) is harvested again
+        todo = [m for m in model_keys
+                if not (run.is_done(f"harvest/{store_name(m, data)}", fps[m]) and (stores[m] / MANIFEST).exists())]
         if not todo:
             continue
         loaded = {m: load_model(model_paths[m], device=run.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code) for m in todo}
@@ -146,13 +149,13 @@ def step_train(run: Run) -> None:
     """Train every stage's dictionary, parents first; finished stages are never retrained."""
     from stagediff.activations import ActivationStore
     from stagediff.sae import SAE
-    from stagediff.train import train_sae
+    from stagediff.train import finished, train_sae
 
     cfg = run.cfg
     for stage in resolve_stages(cfg):
         fp = stage_fingerprint(run, stage)
         unit, out = f"train/{stage.name}", stage_dir(run.dir, stage.name)
-        if run.is_done(unit, fp):
+        if run.is_done(unit, fp) and finished(out):  # a stage folder deleted by hand is trained again
             continue
         run.start(unit, fp, [out])
         if stage.from_pretrained:
