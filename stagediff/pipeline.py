@@ -163,6 +163,7 @@ def step_train(run: Run) -> None:
         else:
             parent = SAE.load(stage_dir(run.dir, stage.parent), device=run.device) if stage.parent else None
             store = ActivationStore(run.dir / "activations" / stage.store)
+            store.verify()  # a damaged shard stops the run here (message: delete the store, rerun), never trained on
             seed_everything(stage.seed)
             train_sae(store, cfg.sae, tokens=stage.tokens, lr=stage.lr, out_dir=out, stage=stage.name, parent=parent,
                       seed=stage.seed, device=run.device, metadata=sae_metadata(cfg, stage, fp))
@@ -188,6 +189,10 @@ def step_crosscoder(run: Run) -> None:
                       run.fingerprint_of("harvest/base__finetune"), run.fingerprint_of("harvest/finetuned__finetune")])
     if run.is_done("crosscoder", fp):
         return
+    from stagediff.activations import ActivationStore
+
+    for p in pair:
+        ActivationStore(p).verify()
     run.start("crosscoder", fp, [run.dir / "crosscoder"])
     train_crosscoder(run.dir, cfg)
     run.finish("crosscoder", fp)
