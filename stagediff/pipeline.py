@@ -95,10 +95,10 @@ def step_organism(run: Run) -> None:
 
 
 def step_harvest(run: Run) -> None:
-    """Collect activations of every (model, data) pair the stages need, one pass per dataset."""
+    """Collect activations of every (model, data) pair the stages need, one pass per dataset, inputs checked first."""
     from stagediff.activations import MANIFEST, harvest
     from stagediff.data import data_fingerprint, pack_windows, read_texts
-    from stagediff.models import check_compatible, check_hook, load_model, model_fingerprint
+    from stagediff.models import check_compatible, check_hook, hidden_size, load_model, model_fingerprint
 
     cfg = run.cfg
     needs = store_budgets(cfg)
@@ -112,37 +112,52 @@ def step_harvest(run: Run) -> None:
 
     dtype = resolve_dtype(cfg.harvest.model_dtype, run.device)
     store_dtype = resolve_dtype(cfg.harvest.dtype, torch.device("cpu"))
+    # Every input is checked before the first forward pass, so a bad one (a missing path, a
+    # second model of another width, too little fine-tune data...) costs seconds, not the hours
+    # of harvesting the inputs before it. 1: paths and fingerprints, and what is left to do.
+    model_fps = {m: model_fingerprint(model_paths[m]) for m in dict.fromkeys(m for m, _ in needs)}
+    data_fps, plans = {}, {}
     for data, model_keys in by_data.items():
         dcfg = datasets[data]
         if not dcfg.path:
             raise StagediffError(f"no path is set for the {data} dataset: set {data}_data.path (or datasets.{data}.path) in the config")
+        data_fps[data] = data_fingerprint(dcfg)
         tokens = max(needs[(m, data)] for m in model_keys)
         windows_needed = math.ceil(tokens / max(1, cfg.context_size - int(cfg.prepend_bos)))
-        fps = {}
-        for m in model_keys:
-            fps[m] = fingerprint([model_fingerprint(model_paths[m]), data_fingerprint(dcfg), cfg.hook, cfg.context_size,
-                                  cfg.prepend_bos, cfg.harvest.dtype, windows_needed])
+        fps = {m: fingerprint([model_fps[m], data_fps[data], cfg.hook, cfg.context_size, cfg.prepend_bos,
+                               cfg.harvest.dtype, windows_needed]) for m in model_keys}
         stores = {m: run.dir / "activations" / store_name(m, data) for m in model_keys}
         # a store deleted by hand (e.g. a damaged one, as its error message says) is harvested again
         todo = [m for m in model_keys
                 if not (run.is_done(f"harvest/{store_name(m, data)}", fps[m]) and (stores[m] / MANIFEST).exists())]
-        if not todo:
-            continue
-        loaded = {m: load_model(model_paths[m], device=run.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code) for m in todo}
-        for m, (model, _) in loaded.items():
-            check_hook(model, cfg.hook, m)
-        check_compatible({m: loaded[m] for m in loaded})
-        tokenizer = next(iter(loaded.values()))[1]
-        windows = pack_windows(read_texts(dcfg), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=windows_needed)
+        if todo:
+            plans[data] = (windows_needed, fps, todo)
+    run.inputs = {"models": model_fps, "data": data_fps}
+    if not plans:
+        return
+    # 2: the models still needed (hook, architecture, width, tokenizer), pretrained SAEs, every dataset's windows
+    loaded = {m: load_model(model_paths[m], device=run.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+              for m in dict.fromkeys(m for _, _, todo in plans.values() for m in todo)}
+    for m, (model, _) in loaded.items():
+        check_hook(model, cfg.hook, m)
+    check_compatible(loaded)
+    for stage in resolve_stages(cfg):
+        if stage.from_pretrained and stage.model in loaded:
+            load_pretrained(stage, hidden_size(loaded[stage.model][0]))
+    tokenizer = next(iter(loaded.values()))[1]
+    windows = {data: pack_windows(read_texts(datasets[data]), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=n)
+               for data, (n, _, _) in plans.items()}
+    # 3: one pass per dataset
+    for data, (_, fps, todo) in plans.items():
+        dcfg = datasets[data]
         out_dirs = {m: run.dir / "activations" / store_name(m, data) for m in todo}
         for m in todo:
             run.start(f"harvest/{store_name(m, data)}", fps[m], [out_dirs[m]])
         meta = {m: {"model": model_paths[m], "data": dcfg.path, "fingerprint": fps[m]} for m in todo}
-        harvest({m: loaded[m][0] for m in todo}, windows, cfg.hook, out_dirs,
+        harvest({m: loaded[m][0] for m in todo}, windows[data], cfg.hook, out_dirs,
                 batch_size=cfg.harvest.batch_size, shard_rows=cfg.harvest.shard_rows, dtype=store_dtype, meta=meta)
         for m in todo:
             run.finish(f"harvest/{store_name(m, data)}", fps[m])
-        del loaded
 
 
 def step_train(run: Run) -> None:
@@ -286,12 +301,19 @@ def sae_metadata(cfg: Config, stage: Stage, fp: str) -> dict:
 
 def import_pretrained(run: Run, stage: Stage, out: Path) -> None:
     """Load a SAELens-format dictionary as a root stage, checked against the model's width."""
+    # the width of the stage's model, as harvested (every store of a model has its width)
+    widths = [read_json(p)["d_in"] for p in sorted((run.dir / "activations").glob(f"{stage.model}__*/manifest.json"))]
+    sae = load_pretrained(stage, widths[0] if widths else None)
+    meta = {**sae_metadata(run.cfg, stage, ""), "imported_from": stage.from_pretrained, "stage": stage.name,
+            "parent_stage": None}
+    sae.save(out, meta)
+
+
+def load_pretrained(stage: Stage, d_in: int | None):
+    """The SAELens-format dictionary a root stage starts from; its d_in must be `d_in` (the model's width)."""
     from stagediff.sae import SAE
 
-    src = Path(stage.from_pretrained)
-    sae = SAE.load(src, device="cpu")
-    meta = {**sae_metadata(run.cfg, stage, ""), "imported_from": str(src), "stage": stage.name, "parent_stage": None}
-    sae.save(out, meta)
+    return SAE.load(Path(stage.from_pretrained), device="cpu", expected_d_in=d_in)
 
 
 def provenance(wall: dict[str, float]) -> dict:
