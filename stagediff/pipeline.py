@@ -41,6 +41,7 @@ class Run:
         self.dir = Path(run_dir)
         self.device = resolve_device(cfg.device)
         self.wall: dict[str, float] = {}
+        self.inputs: dict[str, dict[str, str]] = {}  # fingerprints of the models and datasets (set by harvest)
 
     # ---- bookkeeping of units of work
     def _record(self, unit: str) -> Path:
@@ -73,7 +74,7 @@ class Run:
         return read_json(rec)["fingerprint"]
 
     def save_config(self) -> None:
-        dump_config(self.cfg, self.dir / "config.yaml", extra=provenance(self.wall))
+        dump_config(self.cfg, self.dir / "config.yaml", extra=provenance(self.wall, self.inputs))
 
 
 # ---------------------------------------------------------------- steps
@@ -254,7 +255,9 @@ def run_steps(cfg: Config, run_dir: str | Path, steps: tuple[str, ...] = STEPS) 
     if previous.exists():
         import yaml
 
-        run.wall = dict((yaml.safe_load(previous.read_text()) or {}).get("_run", {}).get("wall_seconds", {}))
+        before = (yaml.safe_load(previous.read_text()) or {}).get("_run", {})
+        run.wall = dict(before.get("wall_seconds", {}))
+        run.inputs = {k: before[k] for k in ("models", "data") if k in before}
     for name in steps:
         t0 = time.perf_counter()
         STEP_FUNCTIONS[name](run)
@@ -316,8 +319,11 @@ def load_pretrained(stage: Stage, d_in: int | None):
     return SAE.load(Path(stage.from_pretrained), device="cpu", expected_d_in=d_in)
 
 
-def provenance(wall: dict[str, float]) -> dict:
-    """Versions, git revision and wall times recorded beside the resolved config."""
+def provenance(wall: dict[str, float], inputs: dict | None = None) -> dict:
+    """Versions, git revision, model and data fingerprints and wall times recorded beside the resolved config."""
+    import numpy
+    import safetensors
+    import tokenizers
     import transformers
 
     return {
@@ -326,6 +332,10 @@ def provenance(wall: dict[str, float]) -> dict:
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "transformers": str(transformers.__version__),
+        "safetensors": str(safetensors.__version__),
+        "tokenizers": str(tokenizers.__version__),
+        "numpy": str(numpy.__version__),
+        **(inputs or {}),  # models: {key: fingerprint}, data: {key: fingerprint}
         "wall_seconds": dict(wall),
     }
 
