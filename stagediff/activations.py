@@ -14,6 +14,10 @@ A store folder holds
 Shards are written atomically by a background thread, and the manifest is
 rewritten after each one, so an interrupted harvest resumes after its last
 recorded shard.
+
+Under torchrun the harvest is data-parallel: rank r writes the whole shards of its
+contiguous block of rows (the very files one process would write, same names), records
+them in its own `manifest.rank<r>.json`, and rank 0 merges those into manifest.json.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from stagediff import distributed
 from stagediff.data import TokenWindows
 from stagediff.errors import StagediffError
 from stagediff.files import load_tensors, read_json, save_tensors, sha256_file, write_json
@@ -38,11 +43,17 @@ from stagediff.runtime import progress
 MANIFEST = "manifest.json"
 WINDOWS = "windows.safetensors"
 FORMAT = "stagediff-activations/1"
+PARTS = "manifest.rank*.json"  # the ranks' manifests during a data-parallel harvest
 BUFFER_BYTES = 512 << 20  # shuffle buffer of `batches`, as float32
 
 
 def shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
+
+
+def part_manifest(rank: int) -> str:
+    """The manifest of one rank's shards during a data-parallel harvest."""
+    return f"manifest.rank{rank}.json"
 
 
 def windows_digest(windows: TokenWindows) -> str:
@@ -70,26 +81,56 @@ def harvest(models: dict, windows: TokenWindows, hook: str, out_dirs: dict[str, 
     if len({Path(d).resolve() for d in out_dirs.values()}) < len(out_dirs):
         raise StagediffError(f"harvest needs one output folder per model, got {out_dirs}")
     digest = windows_digest(windows)
-    writers = {
-        key: _Writer(Path(out_dirs[key]), {
-            "format": FORMAT, "meta": meta.get(key, {}), "hook": hook, "d_in": hidden_size(model),
-            "dtype": str(dtype).removeprefix("torch."), "context_size": windows.context_size,
-            "num_windows": len(windows), "windows_sha256": digest, "num_rows": windows.num_tokens,
-            "shard_rows": shard_rows,
-        }, windows, dtype)
-        for key, model in models.items()
-    }
+    identity = {key: {
+        "format": FORMAT, "meta": meta.get(key, {}), "hook": hook, "d_in": hidden_size(model),
+        "dtype": str(dtype).removeprefix("torch."), "context_size": windows.context_size,
+        "num_windows": len(windows), "windows_sha256": digest, "num_rows": windows.num_tokens,
+        "shard_rows": shard_rows,
+    } for key, model in models.items()}
+    with distributed.main_first():  # rank 0 (re)starts the stores; the others then find them as left
+        writers = {key: _Writer(Path(out_dirs[key]), identity[key], windows, dtype) for key in models}
     todo = {k: w for k, w in writers.items() if not w.complete}
+    world = distributed.world_size()
+    if todo and world > 1:
+        # this rank's block of whole shards, as a writer of its own (resumable on its own)
+        n_shards = math.ceil(windows.num_tokens / shard_rows)
+        r = distributed.rank()
+        rows = (n_shards * r // world * shard_rows, min(n_shards * (r + 1) // world * shard_rows, windows.num_tokens))
+        todo = {k: _Writer(w.folder, {**identity[k], "rows": list(rows)}, windows, dtype, part=r) for k, w in todo.items()}
     if todo:
         _run(models, todo, windows, hook, batch_size)
+    if todo and world > 1:
+        distributed.barrier()
+        if distributed.is_main():
+            for w in todo.values():
+                _merge_parts(w.folder, world)
+        distributed.barrier()
     return {key: ActivationStore(out_dirs[key]) for key in models}
+
+
+def _merge_parts(folder: Path, world: int) -> None:
+    """Rank 0, after every rank finished: the ranks' shards, in row order, make the store's manifest."""
+    manifest = read_json(folder / MANIFEST)
+    parts = [read_json(folder / part_manifest(r)) for r in range(world)]
+    manifest["shards"] = [s for p in parts for s in p["shards"]]
+    manifest["complete"] = all(p["complete"] for p in parts) and \
+        sum(s["rows"] for s in manifest["shards"]) == manifest["num_rows"]
+    if not manifest["complete"]:
+        raise StagediffError(f"the data-parallel harvest into {folder} is missing rows (a rank stopped early): rerun it")
+    write_json(folder / MANIFEST, manifest)
+    for f in folder.glob(PARTS):
+        f.unlink()
 
 
 def _run(models: dict, todo: dict[str, "_Writer"], windows: TokenWindows, hook: str, batch_size: int) -> None:
     row_end = windows.mask.sum(1).cumsum(0)  # rows in windows 0..i
     start_row = min(w.rows_emitted for w in todo.values())
+    stop_row = max(w.end_row for w in todo.values())
     first_window = int(torch.searchsorted(row_end, start_row, right=True))
-    bar = progress(total=windows.num_tokens - start_row, desc=f"harvest {hook}", unit="tok")
+    # start on the batch grid of a fresh harvest: the model sees the same batches, so a resumed
+    # (or data-parallel) harvest computes the rows a single uninterrupted one would
+    first_window -= first_window % batch_size
+    bar = progress(total=stop_row - start_row, desc=f"harvest {hook}", unit="tok")
     pending: deque[Future] = deque()
     # One writer thread: the disk writes overlap the next forwards, and at most two
     # finished shards per model wait in memory.
@@ -104,12 +145,15 @@ def _run(models: dict, todo: dict[str, "_Writer"], windows: TokenWindows, hook: 
             for b in range(first_window, len(windows), batch_size):
                 mask = windows.mask[b:b + batch_size]
                 first_row = int(row_end[b - 1]) if b else 0
+                if first_row >= stop_row:
+                    break  # the end of this rank's block
                 n_rows = int(mask.sum())
                 where = mask.nonzero()
                 win, pos = where[:, 0] + b, where[:, 1].to(torch.int32)
                 for key, w in todo.items():
-                    if w.rows_emitted + w.buffered >= first_row + n_rows:
-                        continue  # resumed: this model already stored these rows
+                    done = w.rows_emitted + w.buffered
+                    if done >= first_row + n_rows or done >= w.end_row:
+                        continue  # resumed, or past this rank's block: nothing to store here
                     model = models[key]
                     device = next(model.parameters()).device
                     # Padding is on the right, so causal attention needs no attention mask.
@@ -119,7 +163,7 @@ def _run(models: dict, todo: dict[str, "_Writer"], windows: TokenWindows, hook: 
                     if not torch.isfinite(stored).all():
                         _report_nonfinite(key, hook, rows, stored, win)
                     submit(w.add(stored, win, pos, first_row))
-                bar.update(n_rows)
+                bar.update(max(0, min(first_row + n_rows, stop_row) - max(first_row, start_row)))
             for w in todo.values():
                 submit(w.finish())
             while pending:
@@ -143,26 +187,34 @@ def _report_nonfinite(key: str, hook: str, rows: torch.Tensor, stored: torch.Ten
 
 
 class _Writer:
-    """The store of one model under construction: its shard buffer and its manifest."""
+    """The store of one model under construction: its shard buffer and its manifest.
 
-    def __init__(self, folder: Path, identity: dict, windows: TokenWindows, dtype: torch.dtype):
+    With `part=r` it writes only rows identity["rows"] = [start, end) (whole shards) of a
+    data-parallel harvest, recorded in manifest.rank<r>.json; the store itself exists already.
+    """
+
+    def __init__(self, folder: Path, identity: dict, windows: TokenWindows, dtype: torch.dtype, part: int | None = None):
         self.folder, self.dtype, self.shard_rows = folder, dtype, identity["shard_rows"]
+        self.manifest_path = folder / (MANIFEST if part is None else part_manifest(part))
+        start, self.end_row = identity.get("rows", (0, identity["num_rows"]))
         self.manifest = self._resume(identity)
         if not self.manifest:
-            self._clear()
-            save_tensors(folder / WINDOWS, {"ids": windows.ids, "mask": windows.mask})
+            if part is None:
+                self._clear()
+                save_tensors(folder / WINDOWS, {"ids": windows.ids, "mask": windows.mask})
             self.manifest = {**identity, "shards": [], "complete": False}
-            write_json(folder / MANIFEST, self.manifest)
+            write_json(self.manifest_path, self.manifest)
         self.complete = self.manifest["complete"]
-        self.rows_emitted = sum(s["rows"] for s in self.manifest["shards"])  # rows handed to the writer thread
-        self.next_shard = len(self.manifest["shards"])
+        # rows handed to the writer thread
+        self.rows_emitted = start + sum(s["rows"] for s in self.manifest["shards"])
+        self.next_shard = start // self.shard_rows + len(self.manifest["shards"])
         self.chunks: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.buffered = 0
         self.failed = False  # a shard write failed (e.g. disk full): later ones are dropped, resumed next run
 
     def _resume(self, identity: dict) -> dict | None:
         """The existing manifest if it belongs to this very harvest, its shards checked; else None."""
-        path = self.folder / MANIFEST
+        path = self.manifest_path
         if not path.exists():
             return None
         try:
@@ -184,7 +236,8 @@ class _Writer:
 
     def _clear(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        for f in [self.folder / MANIFEST, *self.folder.glob("shard_*.safetensors")]:
+        stale = [*self.folder.glob("shard_*.safetensors"), *self.folder.glob(PARTS)]
+        for f in [self.folder / MANIFEST, *stale]:
             f.unlink(missing_ok=True)
 
     def add(self, acts: torch.Tensor, win: torch.Tensor, pos: torch.Tensor, first_row: int) -> list[Callable[[], None]]:
@@ -192,6 +245,8 @@ class _Writer:
         skip = self.rows_emitted + self.buffered - first_row
         if skip > 0:
             acts, win, pos = acts[skip:], win[skip:], pos[skip:]
+        keep = self.end_row - (self.rows_emitted + self.buffered)  # rows past this writer's block are another's
+        acts, win, pos = acts[:keep], win[:keep], pos[:keep]
         self.chunks.append((acts, win, pos))
         self.buffered += len(acts)
         jobs = []
@@ -223,13 +278,13 @@ class _Writer:
             self.failed = True
             raise
         self.manifest["shards"].append({"file": path.name, "rows": len(tensors["acts"]), "sha256": sha256_file(path)})
-        write_json(self.folder / MANIFEST, self.manifest)
+        write_json(self.manifest_path, self.manifest)
 
     def _complete(self) -> None:  # writer thread
         if self.failed:
             return
         self.manifest["complete"] = True
-        write_json(self.folder / MANIFEST, self.manifest)
+        write_json(self.manifest_path, self.manifest)
 
 
 # ---------------------------------------------------------------- reading

@@ -50,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    from stagediff import distributed
+
     try:
+        distributed.init()  # under torchrun: join the other ranks (no-op otherwise)
         _dispatch(args)
     except StagediffError as e:
         print(f"stagediff: error: {e}", file=sys.stderr)
@@ -64,22 +67,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stagediff: error: disk full ({e}): free space (or point --out elsewhere) and run the same "
               "command again; finished work is kept", file=sys.stderr)
         return 2
+    finally:
+        distributed.finish()
     return 0
 
 
 def _dispatch(args: argparse.Namespace) -> None:
+    from stagediff import distributed
     from stagediff.config import load_config
     from stagediff.pipeline import STEPS, run_steps
 
     if args.command == "demo":
         from stagediff.demo import run_demo
 
+        if distributed.world_size() > 1:
+            raise StagediffError("demo runs in one process: under torchrun use `stagediff run CONFIG.yaml` "
+                                 "or the harvest/train steps on a run directory")
         run_demo(args.preset, args.out, args.overrides)
     elif args.command == "run":
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
         run_steps(cfg, out, STEPS)
-        print(f"done: {out}")
+        if distributed.is_main():
+            print(f"done: {out}")
     else:
         run_dir = Path(args.run_dir)
         config = run_dir / "config.yaml"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +235,7 @@ def sparse_decode(vals: Tensor, W_dec: Tensor, active: Active) -> Tensor:
 def topk_training_forward(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, *,
     k: float, batch_topk: bool, dead: Tensor | None = None, aux_k: int = 256, aux_k_coefficient: float = 0.0,
+    select: Callable[[Tensor], tuple[Active, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
     """Losses of one TopK / BatchTopK batch, computed sparsely; same values and gradients as dense.
 
@@ -245,11 +246,16 @@ def topk_training_forward(
     reconstructing the detached residual x - x_hat (no bias); 0 without dead features.
     Returns loss, mse, aux, sparsity (0), l0, counts [d_sae] (fires per feature), x_hat
     (detached) and, for batchtopk, min_active (smallest kept activation).
+    `select(pre) -> (active, values)` replaces the selection (distributed.py: BatchTopK over
+    the global batch of several processes).
     """
     with torch.no_grad():
         sae_in = x - b_dec
         pre = torch.addmm(b_enc, sae_in, W_enc)  # the one dense product
-    active, pre_vals = batchtopk_select(pre, k) if batch_topk else topk_select(pre, int(k))
+    if select is not None:
+        active, pre_vals = select(pre)
+    else:
+        active, pre_vals = batchtopk_select(pre, k) if batch_topk else topk_select(pre, int(k))
     vals = gather_preacts(x, b_dec, W_enc, b_enc, pre_vals, active, sae_in).relu()
     x_hat = sparse_decode(vals, W_dec, active) + b_dec
     mse = (x_hat - x).pow(2).sum(-1).mean()

@@ -8,6 +8,10 @@ as {fingerprint, done}. Rerunning a command skips units done with the same
 fingerprint, resumes units started with the same fingerprint (each step
 checkpoints on its own), and redoes — after deleting its outputs — units whose
 inputs changed. A changed config therefore invalidates exactly what it affects.
+
+Under torchrun every rank runs organism (rank 0 first), harvest and train together
+(distributed.py); then the others leave and rank 0 runs the remaining steps alone.
+Only rank 0 writes the records and the resolved config.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from stagediff import __version__
+from stagediff import __version__, distributed
 from stagediff.config import Config, dump_config, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import fingerprint, read_json, remove_temp_files, sha256_file, write_json
@@ -31,6 +35,7 @@ from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
 from stagediff.stages import NOISE_STAGE, Stage, resolve_stages, stage_dir, store_name
 
 STEPS = ("organism", "harvest", "train", "diff", "crosscoder", "evaluate", "report")
+PARALLEL_STEPS = ("organism", "harvest", "train")  # every torchrun rank takes part; rank 0 alone does the rest
 
 
 class Run:
@@ -54,18 +59,22 @@ class Run:
     def start(self, unit: str, fp: str, outputs: list[Path]) -> None:
         """Mark `unit` started; if it was started or finished with other inputs, delete its stale outputs."""
         rec = self._record(unit)
-        if rec.exists() and read_json(rec).get("fingerprint") != fp:
-            for out in outputs:
-                if out.is_dir():
-                    shutil.rmtree(out)
-                elif out.exists():
-                    out.unlink()
-        for out in outputs:  # a write killed before its rename leaves its temp file (a shard: GBs)
-            remove_temp_files(out)
-        write_json(rec, {"fingerprint": fp, "done": False})
+        if distributed.is_main():
+            if rec.exists() and read_json(rec).get("fingerprint") != fp:
+                for out in outputs:
+                    if out.is_dir():
+                        shutil.rmtree(out)
+                    elif out.exists():
+                        out.unlink()
+            for out in outputs:  # a write killed before its rename leaves its temp file (a shard: GBs)
+                remove_temp_files(out)
+            write_json(rec, {"fingerprint": fp, "done": False})
+        distributed.barrier()  # no rank writes into `outputs` before they are cleared
 
     def finish(self, unit: str, fp: str) -> None:
-        write_json(self._record(unit), {"fingerprint": fp, "done": True})
+        if distributed.is_main():
+            write_json(self._record(unit), {"fingerprint": fp, "done": True})
+        distributed.barrier()  # every rank sees the record before reading what depends on it
 
     def fingerprint_of(self, unit: str) -> str:
         rec = self._record(unit)
@@ -74,7 +83,8 @@ class Run:
         return read_json(rec)["fingerprint"]
 
     def save_config(self) -> None:
-        dump_config(self.cfg, self.dir / "config.yaml", extra=provenance(self.wall, self.inputs))
+        if distributed.is_main():
+            dump_config(self.cfg, self.dir / "config.yaml", extra=provenance(self.wall, self.inputs))
 
 
 # ---------------------------------------------------------------- steps
@@ -87,7 +97,8 @@ def step_organism(run: Run) -> None:
         return
     from stagediff.organism.build import build_organism
 
-    paths = build_organism(cfg, run.dir)
+    with distributed.main_first():  # rank 0 builds it; the others copy the same paths from the run dir
+        paths = build_organism(cfg, run.dir)
     cfg.base_model, cfg.finetuned_model = paths["base_model"], paths["finetuned_model"]
     from stagediff.config import DataConfig
 
@@ -259,6 +270,10 @@ def run_steps(cfg: Config, run_dir: str | Path, steps: tuple[str, ...] = STEPS) 
         run.wall = dict(before.get("wall_seconds", {}))
         run.inputs = {k: before[k] for k in ("models", "data") if k in before}
     for name in steps:
+        if name not in PARALLEL_STEPS:
+            distributed.finish()  # the other ranks are done; rank 0 goes on alone
+            if not distributed.is_main():
+                break
         t0 = time.perf_counter()
         STEP_FUNCTIONS[name](run)
         run.wall[name] = round(time.perf_counter() - t0, 2)

@@ -113,7 +113,7 @@ class SAE(nn.Module):
         return [{"params": [self.W_enc, self.W_dec], "lr": lr, "base_lr": lr},
                 {"params": biases, "lr": lr / self.scale, "base_lr": lr / self.scale}]
 
-    def training_forward(self, x_s: Tensor, dead: Tensor | None = None) -> dict[str, Tensor]:
+    def training_forward(self, x_s: Tensor, dead: Tensor | None = None, select: Any = None) -> dict[str, Tensor]:
         """Losses of one batch of *scaled* activations x_s [B, d_in] (dense path).
 
         `dead` [d_sae] bool marks features unfired for `cfg.dead_tokens` tokens: the aux-k
@@ -121,15 +121,16 @@ class SAE(nn.Module):
         Returns loss, mse (per-token squared error, scaled units), l0, aux, sparsity (the
         L1/L0 penalty term), x_hat (detached, scaled), counts [d_sae] (fires in this batch)
         and, for batchtopk, min_active (smallest kept activation, for the inference threshold).
-        A sparse kernel replacing this must return the same keys.
+        A sparse kernel replacing this must return the same keys. `select` replaces the
+        TopK/BatchTopK selection of the sparse kernel (distributed.batchtopk_select).
         """
         cfg = self.cfg
         b_enc, b_dec, threshold = self.scaled_biases()
-        if self.sparse_kernel and cfg.architecture in ("topk", "batchtopk"):
+        if (self.sparse_kernel or select is not None) and cfg.architecture in ("topk", "batchtopk"):
             # same losses and gradients; every product but the encoder's is sparse (kernels.py)
             return topk_training_forward(x_s, self.W_enc, b_enc, self.W_dec, b_dec, k=cfg.k,
                                          batch_topk=cfg.architecture == "batchtopk", dead=dead,
-                                         aux_k=cfg.aux_k, aux_k_coefficient=cfg.aux_k_coefficient)
+                                         aux_k=cfg.aux_k, aux_k_coefficient=cfg.aux_k_coefficient, select=select)
         pre = (x_s - b_dec) @ self.W_enc + b_enc
         out: dict[str, Tensor] = {}
         sparsity = pre.new_zeros(())

@@ -9,6 +9,9 @@ warm-up, then a constant lr, then a linear decay to 0 over the last `decay_fract
 The run is resumable: a checkpoint (parameters, Adam state, step, counters, RNG) is written
 atomically every `checkpoint_every` steps, and a rerun continues from it to a bit-identical
 final SAE (on CPU). A stage whose final files exist is loaded, never retrained.
+
+Under torchrun the step is data-parallel (distributed.py): each rank trains on its slice of the
+same global batch, gradients and statistics are reduced, and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Iterator, Protocol
 import torch
 from torch import Tensor
 
+from stagediff import distributed
 from stagediff.config import SAEConfig, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import atomic_path, atomic_write, fingerprint, write_json
@@ -83,15 +87,23 @@ def train_sae(
         sae.load_state_dict(ckpt["model"])
     else:
         sae = initial_sae(store, cfg, parent=parent, scale=scale, seed=seed, sae_class=sae_class).to(device)
+    distributed.broadcast_parameters(sae)  # every rank starts from rank 0's SAE
     opt = torch.optim.Adam(sae.param_groups(lr))
     st = _State.fresh(cfg.d_sae, device) if ckpt is None else _State.restore(ckpt, device)
     if ckpt is not None:
         opt.load_state_dict(ckpt["optim"])
         torch.set_rng_state(ckpt["rng"])
 
+    main = distributed.is_main()  # only rank 0 writes files
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "train_log.jsonl"
-    _trim_log(log_path, st.step)
+    if main:
+        _trim_log(log_path, st.step)
+    rows = distributed.local_rows(cfg.batch_size)  # this rank's slice of each global batch
+    share = (rows.stop - rows.start) / cfg.batch_size
+    # BatchTopK keeps the k*B largest activations of the *global* batch, as one process would
+    select = distributed.batchtopk_select(cfg.k, cfg.batch_size) \
+        if distributed.world_size() > 1 and cfg.architecture == "batchtopk" else None
     log_every = max(1, steps // LOG_LINES)
     window_start = steps - max(1, math.ceil(FREQ_SHARE * steps))
     batches = store.batches(cfg.batch_size, seed=seed, start_step=st.step, device=device)
@@ -100,9 +112,13 @@ def train_sae(
     for step in bar:
         x = next(batches).to(device=device, dtype=torch.float32)
         x_s = x * sae.scale
-        out = sae.training_forward(x_s, st.since_fired >= cfg.dead_tokens)
+        mine = x_s[rows]
+        out = sae.training_forward(mine, st.since_fired >= cfg.dead_tokens, **({"select": select} if select else {}))
+        out["sse"] = (out["x_hat"] - mine).pow(2).sum()
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        (out["loss"] * share if share < 1 else out["loss"]).backward()
+        distributed.all_reduce_grads(sae)
+        out = distributed.reduce_step(out, share)
         sae.remove_parallel_grad()
         factor = lr_factor(step, steps, cfg)
         for group in opt.param_groups:
@@ -117,14 +133,16 @@ def train_sae(
         st.step = step + 1
         if st.step % log_every == 0 or st.step == steps:
             rec = st.log_record(cfg, lr * factor)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            if main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
             bar.set_postfix(mse=f"{rec['mse']:.3g}", ev=f"{rec['explained_variance']:.3f}", l0=f"{rec['l0']:.1f}",
                             dead=f"{rec['dead_fraction']:.2f}")
         if st.step % cfg.checkpoint_every == 0 and st.step < steps:
             st.wall += time.perf_counter() - t0
             t0 = time.perf_counter()
-            _write_checkpoint(ckpt_path, key, sae, opt, st)
+            if main:
+                _write_checkpoint(ckpt_path, key, sae, opt, st)
 
     elapsed = time.perf_counter() - t0
     st.wall += elapsed
@@ -134,6 +152,9 @@ def train_sae(
                 parent_sha256=parent_sha)
     window_tokens = (steps - window_start) * cfg.batch_size
     sparsity = torch.log10(st.window_counts.double() / window_tokens + 1e-10)  # SAELens convention
+    if not main:
+        distributed.barrier()  # rank 0 writes the stage's files; they exist once we pass
+        return sae
     sae.save(out_dir, meta, sparsity=sparsity)
     w = st.window.tolist()
     stats = {
@@ -145,6 +166,7 @@ def train_sae(
     }
     write_json(out_dir / "stats.json", stats)  # last: marks the stage finished
     shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
+    distributed.barrier()
     return sae
 
 
@@ -207,12 +229,12 @@ class _State:
                    float(ckpt["wall"]))
 
     def observe(self, x_s: Tensor, out: dict[str, Tensor], in_window: bool) -> None:
+        """Count one step: x_s is the whole (global) batch, out its losses, sse and counts."""
         fired = out["counts"] > 0
         self.since_fired += x_s.shape[0]
         self.since_fired[fired] = 0
-        sse = (out["x_hat"] - x_s).pow(2).sum()
         ss = (x_s - x_s.mean(0)).pow(2).sum()  # explained variance is measured around the batch mean
-        row = torch.stack([out["mse"], out["l0"], sse, ss, torch.ones_like(ss)]).double()
+        row = torch.stack([out["mse"], out["l0"], out["sse"], ss, torch.ones_like(ss)]).double()
         self.acc += row
         if in_window:
             self.window += row
