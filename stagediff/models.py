@@ -60,7 +60,8 @@ def load_model(path: str, *, device: torch.device, dtype: torch.dtype, trust_rem
     except ValueError as e:
         if "Unrecognized configuration class" in str(e) or "does not recognize this architecture" in str(e):
             raise StagediffError(f"model {path} is not a causal language model ({e}): pass a *ForCausalLM checkpoint") from None
-        raise StagediffError(f"could not load model {path}: {e}") from None
+        raise StagediffError(f"could not load model {path} ({e}): pass an HF model folder (config.json, weights "
+                             "and tokenizer files), a hub id or a .gguf file") from None
     except Exception as e:  # corrupt safetensors, missing weight files, bad config...
         raise StagediffError(f"could not read the weights of model {path} ({type(e).__name__}: {e}): "
                              "check the files are complete (re-download or re-save the model)") from None
