@@ -17,7 +17,7 @@ from typing import Any
 
 from stagediff.config import Config
 from stagediff.errors import StagediffError
-from stagediff.files import atomic_write
+from stagediff.files import atomic_write, write_json
 from stagediff.report.cards import build_cards, card_features
 from stagediff.report.data import gather
 from stagediff.report.figures import write_figures
@@ -42,9 +42,25 @@ def write_report(run_dir: Path, cfg: Config, with_cards: bool = True) -> Path:
     page = out_dir / "index.html"
     with atomic_write(page, "w") as f:
         f.write(render_html(data))
+    write_json(out_dir / "top_tokens.json", top_tokens(data))
     for note in data["notes"]:
         print(f"report: {note}", file=sys.stderr)
     return page
+
+
+def top_tokens(data: dict[str, Any], n: int = 3) -> dict[str, str]:
+    """Per card feature, the tokens its strongest fine-tune-data contexts peak on (most frequent first)."""
+    out = {}
+    for fid, card in data.get("cards", {}).items():
+        counts: dict[int, int] = {}
+        contexts = card.get("contexts", {})
+        for source in [contexts["finetune"]] if "finetune" in contexts else contexts.values():
+            for item in source.get("items", []):
+                tok = item["tokens"][item["at"]]
+                counts[tok] = counts.get(tok, 0) + 1
+        best = sorted(counts, key=counts.get, reverse=True)[:n]
+        out[fid] = " ".join(repr(data.get("vocab", {}).get(str(t), str(t))) for t in best)
+    return out
 
 
 def render_html(data: dict[str, Any]) -> str:
