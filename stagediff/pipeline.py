@@ -159,6 +159,11 @@ def step_harvest(run: Run) -> None:
     tokenizer = next(iter(loaded.values()))[1]
     windows = {data: pack_windows(read_texts(datasets[data]), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=n)
                for data, (n, _, _) in plans.items()}
+    for data, w in windows.items():
+        asked = max(t for (m, d), t in needs.items() if d == data)
+        if w.num_tokens < asked:
+            print(f"harvest: the {data} data holds {w.num_tokens:,} tokens, fewer than the {asked:,} its stages ask for: "
+                  f"training passes over it {asked / w.num_tokens:.1f} times")
     # 3: one pass per dataset
     for data, (_, fps, todo) in plans.items():
         dcfg = datasets[data]
