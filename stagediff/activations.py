@@ -59,8 +59,8 @@ def part_manifest(rank: int) -> str:
 def windows_digest(windows: TokenWindows) -> str:
     """sha256 of the window ids and mask: two stores with the same digest have aligned rows."""
     h = hashlib.sha256()
-    h.update(windows.ids.numpy().tobytes())
-    h.update(windows.mask.numpy().tobytes())
+    h.update(windows.ids.contiguous().numpy())  # the buffer itself: no copy of every token id
+    h.update(windows.mask.contiguous().numpy())
     return h.hexdigest()
 
 

@@ -211,11 +211,14 @@ def pack_windows(texts: Iterable[str], tokenizer, context_size: int, prepend_bos
     body = context_size - (bos is not None)  # stream tokens per window
     if body < 1:
         raise StagediffError(f"context_size {context_size} is too small: use at least 2")
-    windows: list[list[int]] = []
+    # full windows are kept as [n, body] tensors (8 bytes a token), not lists of Python ints
+    # (~36 bytes a token): a large harvest's memory is its model, not its token count
+    chunks: list[torch.Tensor] = []
+    n_windows = 0
     stream: list[int] = []
     first = True
     docs = iter(texts)
-    while max_windows is None or len(windows) < max_windows:
+    while max_windows is None or n_windows < max_windows:
         batch = list(itertools.islice(docs, batch_docs))
         if not batch:
             break
@@ -227,22 +230,28 @@ def pack_windows(texts: Iterable[str], tokenizer, context_size: int, prepend_bos
             stream.extend(ids)
         n_full = len(stream) // body
         if max_windows is not None:
-            n_full = min(n_full, max_windows - len(windows))
-        windows.extend(stream[i * body:(i + 1) * body] for i in range(n_full))
+            n_full = min(n_full, max_windows - n_windows)
+        if n_full:
+            chunks.append(torch.tensor(stream[:n_full * body], dtype=torch.long).view(n_full, body))
+            n_windows += n_full
         del stream[:n_full * body]
-    if max_windows is None or len(windows) < max_windows:
-        if stream:
-            windows.append(stream)  # the tail, padded below
-    if not windows or (len(windows) == 1 and len(windows[0]) < body):
-        found = len(windows[0]) if windows else 0
-        raise StagediffError(f"the data holds {found} tokens, less than one window of {body} (context_size {context_size}): "
+    tail = stream if max_windows is None or n_windows < max_windows else []  # shorter than body, padded below
+    if n_windows == 0:
+        raise StagediffError(f"the data holds {len(tail)} tokens, less than one window of {body} (context_size {context_size}): "
                              "add more text or lower context_size")
-    ids = torch.full((len(windows), context_size), pad, dtype=torch.long)
-    mask = torch.zeros((len(windows), context_size), dtype=torch.bool)
-    start = int(bos is not None)
+    n = n_windows + bool(tail)
+    ids = torch.full((n, context_size), pad, dtype=torch.long)
+    mask = torch.zeros((n, context_size), dtype=torch.bool)
+    start = int(bos is not None)  # start + body == context_size
     if bos is not None:
         ids[:, 0] = bos
-    for i, w in enumerate(windows):
-        ids[i, start:start + len(w)] = torch.tensor(w, dtype=torch.long)
-        mask[i, start:start + len(w)] = True
+    row = 0
+    while chunks:
+        chunk = chunks.pop(0)  # freed as it is copied
+        ids[row:row + len(chunk), start:] = chunk
+        row += len(chunk)
+    mask[:n_windows, start:] = True
+    if tail:
+        ids[row, start:start + len(tail)] = torch.tensor(tail, dtype=torch.long)
+        mask[row, start:start + len(tail)] = True
     return TokenWindows(ids=ids, mask=mask)

