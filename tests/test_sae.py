@@ -11,19 +11,13 @@ from stagediff.config import SAEConfig
 from stagediff.errors import StagediffError
 from stagediff.files import save_tensors
 from stagediff.sae import SAE, weights_sha256
+from sae_factory import perturbed_sae
 
 ARCHS = ["batchtopk", "topk", "relu", "jumprelu"]
 
 
 def _sae(arch: str, d_in: int = 16, d_sae: int = 64, k: int = 5, scale: float = 0.37) -> SAE:
-    """An SAE with every tensor perturbed away from its init (so round trips test real values)."""
-    sae = SAE(d_in, SAEConfig(architecture=arch, d_sae=d_sae, k=k), scale=scale, generator=torch.Generator().manual_seed(1))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for t in (sae.W_enc, sae.b_enc, sae.b_dec):
-            t.add_(0.1 * torch.randn(t.shape, generator=g))
-        sae.threshold.copy_(0.3 * torch.rand(d_sae, generator=g))
-    return sae
+    return perturbed_sae(arch, d_in, d_sae, k, scale, noise=0.1)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from stagediff.config import SAEConfig
 from stagediff.sae import SAE
+from sae_factory import perturbed_sae
 
 CONSTRAINTS = Path(__file__).with_name("saelens-constraints.txt")
 ARCHS = ["batchtopk", "topk", "relu", "jumprelu"]
@@ -103,14 +104,7 @@ Path(job["info"]).write_text(json.dumps(info))
 
 
 def _our_sae(arch: str) -> SAE:
-    """An SAE with every tensor moved off its init, a non-trivial input scale and a learned threshold."""
-    sae = SAE(D_IN, SAEConfig(architecture=arch, d_sae=D_SAE, k=K), scale=1.7, generator=torch.Generator().manual_seed(1))
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for t in (sae.W_enc, sae.b_enc, sae.b_dec):
-            t.add_(0.2 * torch.randn(t.shape, generator=g))
-        sae.threshold.copy_(0.4 * torch.rand(D_SAE, generator=g))
-    return sae
+    return perturbed_sae(arch, D_IN, D_SAE, K, scale=1.7, noise=0.2)
 
 
 @pytest.fixture(scope="module")
