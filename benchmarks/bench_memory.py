@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=10)
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--shard-rows", type=int, default=8192)
+    ap.add_argument("--shard-rows", type=int, default=2048, help="small shards: 1x already cycles the writer queue and shuffle groups")
     ap.add_argument("--buffer-mib", type=int, default=4)
     ap.add_argument("--train-batch", type=int, default=1024, help="SAE batch: 1x must run past the allocator's warm-up (~30 steps)")
     ap.add_argument("--child", choices=("harvest", "train"))

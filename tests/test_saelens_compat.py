@@ -23,7 +23,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stagediff.config import SAEConfig
 from stagediff.sae import SAE
 from sae_factory import perturbed_sae
 
