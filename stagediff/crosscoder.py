@@ -47,7 +47,7 @@ from stagediff.errors import StagediffError
 from stagediff.files import atomic_path, read_json, write_json
 from stagediff.runtime import resolve_device
 from stagediff.sae import SAE
-from stagediff.stages import store_name
+from stagediff.stages import paired_store_dirs
 
 LS_ROWS = 65536  # activation rows read for Latent Scaling
 MEAN_NORM_ROWS = 65536  # rows measured per model for its scale
@@ -192,7 +192,7 @@ def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
     run_dir = Path(run_dir)
     out = run_dir / "crosscoder"
     cc = cfg.crosscoder
-    paths = [run_dir / "activations" / store_name(m, "finetune") for m in ("base", "finetuned")]
+    paths = paired_store_dirs(run_dir)
     for p in paths:
         if not (p / "manifest.json").exists():
             raise StagediffError(f"the crosscoder needs the activation store {p}: run `stagediff harvest {run_dir}` first")

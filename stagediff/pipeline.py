@@ -32,7 +32,7 @@ from stagediff.config import Config, dump_config, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import fingerprint, read_json, remove_temp_files, sha256_file, write_json
 from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
-from stagediff.stages import NOISE_STAGE, Stage, resolve_stages, stage_dir, store_name
+from stagediff.stages import NOISE_STAGE, Stage, paired_store_dirs, resolve_stages, stage_dir, store_dir, store_name
 
 STEPS = ("organism", "harvest", "train", "diff", "crosscoder", "evaluate", "report")
 PARALLEL_STEPS = ("organism", "harvest", "train")  # every torchrun rank takes part; rank 0 alone does the rest
@@ -138,18 +138,18 @@ def step_harvest(run: Run) -> None:
         windows_needed = math.ceil(tokens / max(1, cfg.context_size - int(cfg.prepend_bos)))
         fps = {m: fingerprint([model_fps[m], data_fps[data], cfg.hook, cfg.context_size, cfg.prepend_bos,
                                cfg.harvest.dtype, windows_needed]) for m in model_keys}
-        stores = {m: run.dir / "activations" / store_name(m, data) for m in model_keys}
+        stores = {m: store_dir(run.dir, m, data) for m in model_keys}
         # a store deleted by hand (e.g. a damaged one, as its error message says) is harvested again
         todo = [m for m in model_keys
                 if not (run.is_done(f"harvest/{store_name(m, data)}", fps[m]) and (stores[m] / MANIFEST).exists())]
         if todo:
-            plans[data] = (windows_needed, fps, todo)
+            plans[data] = (windows_needed, tokens, fps, {m: stores[m] for m in todo})
     run.inputs = {"models": model_fps, "data": data_fps}
     if not plans:
         return
     # 2: the models still needed (hook, architecture, width, tokenizer), pretrained SAEs, every dataset's windows
     loaded = {m: load_model(model_paths[m], device=run.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-              for m in dict.fromkeys(m for _, _, todo in plans.values() for m in todo)}
+              for m in dict.fromkeys(m for *_, todo in plans.values() for m in todo)}
     for m, (model, _) in loaded.items():
         check_hook(model, cfg.hook, m)
     check_compatible(loaded)
@@ -157,24 +157,22 @@ def step_harvest(run: Run) -> None:
         if stage.from_pretrained and stage.model in loaded:
             load_pretrained(stage, hidden_size(loaded[stage.model][0]))
     tokenizer = next(iter(loaded.values()))[1]
-    windows = {data: pack_windows(read_texts(datasets[data]), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=n)
-               for data, (n, _, _) in plans.items()}
-    for data, w in windows.items():
-        asked = max(t for (m, d), t in needs.items() if d == data)
-        if w.num_tokens < asked:
-            print(f"harvest: the {data} data holds {w.num_tokens:,} tokens, fewer than the {asked:,} its stages ask for: "
-                  f"training passes over it {asked / w.num_tokens:.1f} times")
+    windows = {}
+    for data, (n, tokens, _, _) in plans.items():
+        windows[data] = w = pack_windows(read_texts(datasets[data]), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=n)
+        if w.num_tokens < tokens:
+            print(f"harvest: the {data} data holds {w.num_tokens:,} tokens, fewer than the {tokens:,} its stages ask for: "
+                  f"training passes over it {tokens / w.num_tokens:.1f} times")
     # 3: one pass per dataset
-    for data, (_, fps, todo) in plans.items():
-        dcfg = datasets[data]
-        out_dirs = {m: run.dir / "activations" / store_name(m, data) for m in todo}
-        for m in todo:
-            run.start(f"harvest/{store_name(m, data)}", fps[m], [out_dirs[m]])
-        meta = {m: {"model": model_paths[m], "data": dcfg.path, "fingerprint": fps[m]} for m in todo}
-        harvest({m: loaded[m][0] for m in todo}, windows[data], cfg.hook, out_dirs,
+    for data, (_, _, fps, out_dirs) in plans.items():
+        units = {m: f"harvest/{store_name(m, data)}" for m in out_dirs}
+        for m, unit in units.items():
+            run.start(unit, fps[m], [out_dirs[m]])
+        meta = {m: {"model": model_paths[m], "data": datasets[data].path, "fingerprint": fps[m]} for m in out_dirs}
+        harvest({m: loaded[m][0] for m in out_dirs}, windows[data], cfg.hook, out_dirs,
                 batch_size=cfg.harvest.batch_size, shard_rows=cfg.harvest.shard_rows, dtype=store_dtype, meta=meta)
-        for m in todo:
-            run.finish(f"harvest/{store_name(m, data)}", fps[m])
+        for m, unit in units.items():
+            run.finish(unit, fps[m])
 
 
 def step_train(run: Run) -> None:
@@ -194,7 +192,7 @@ def step_train(run: Run) -> None:
             import_pretrained(run, stage, out)
         else:
             parent = SAE.load(stage_dir(run.dir, stage.parent), device=run.device) if stage.parent else None
-            store = ActivationStore(run.dir / "activations" / stage.store)
+            store = ActivationStore(store_dir(run.dir, stage.model, stage.data))
             store.verify()  # a damaged shard stops the run here (message: delete the store, rerun), never trained on
             seed_everything(stage.seed)
             train_sae(store, cfg.sae, tokens=stage.tokens, lr=stage.lr, out_dir=out, stage=stage.name, parent=parent,
@@ -212,7 +210,7 @@ def step_diff(run: Run) -> None:
 
 def step_crosscoder(run: Run) -> None:
     cfg = run.cfg
-    pair = [run.dir / "activations" / store_name(m, "finetune") for m in ("base", "finetuned")]
+    pair = paired_store_dirs(run.dir)
     if not cfg.crosscoder.enabled or not all(p.exists() for p in pair):
         return
     from stagediff.crosscoder import train_crosscoder

@@ -122,6 +122,19 @@ def stage_dir(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / "saes" / stage
 
 
+def store_dir(run_dir: Path, model: str, data: str) -> Path:
+    """Folder of the activation store of `model` on `data` in a run."""
+    return Path(run_dir) / "activations" / store_name(model, data)
+
+
+def paired_store_dirs(run_dir: Path) -> list[Path]:
+    """The (base, fine-tuned) stores over the fine-tune data: rows aligned token for token.
+
+    The crosscoder trains on them and the activation-difference baseline compares them.
+    """
+    return [store_dir(run_dir, m, "finetune") for m in ("base", "finetuned")]
+
+
 def _noise_floor_wanted(cfg: Config) -> bool:
     return cfg.diff.selection == "noise" or (cfg.eval.enabled and cfg.eval.noise_floor and cfg.organism is not None)
 

@@ -29,7 +29,7 @@ from stagediff.evaluate.metrics import method_metrics
 from stagediff.evaluate.rankings import Method, from_scores, stagewise_methods, top_k
 from stagediff.files import read_json, write_json
 from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
-from stagediff.stages import stage_dir, store_name
+from stagediff.stages import paired_store_dirs, stage_dir
 
 F_STAGES = ("F_via_D", "F_via_M")
 RELATIVE_NORM_CUT = 0.9  # crosscoder latents at least this fine-tuned-exclusive are its selection
@@ -73,7 +73,7 @@ def _activation_diff(run_dir: Path, cfg: Config, live: np.ndarray) -> np.ndarray
     from stagediff.activations import ActivationStore
     from stagediff.sae import SAE
 
-    paths = [run_dir / "activations" / store_name(m, "finetune") for m in ("base", "finetuned")]
+    paths = paired_store_dirs(run_dir)
     if not all((p / "manifest.json").exists() for p in paths):
         return None
     sae = SAE.load(stage_dir(run_dir, "S"))
