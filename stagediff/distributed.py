@@ -52,6 +52,9 @@ def init() -> None:
 def finish() -> None:
     """Leave the process group; from here on this process runs alone (world_size() == 1)."""
     if dist.is_initialized():
+        # every rank reaches this point before any tears its communicator down: a rank that
+        # leaves while a peer's gloo thread still talks to it aborts ("terminate called ...")
+        dist.barrier()
         dist.destroy_process_group()
 
 
