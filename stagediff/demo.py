@@ -93,8 +93,6 @@ def print_summary(run_dir: Path) -> None:
 
 
 def _top_tokens(run_dir: Path) -> dict[int, str]:
-    """Top-activating tokens per feature, when the evaluation or report recorded them."""
-    for path in (run_dir / "eval" / "top_tokens.json", run_dir / "report" / "top_tokens.json"):
-        if path.exists():
-            return {int(k): v for k, v in json.loads(path.read_text()).items()}
-    return {}
+    """Top-activating tokens per card feature, as the report recorded them (empty without a report)."""
+    path = run_dir / "report" / "top_tokens.json"
+    return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
