@@ -3,7 +3,7 @@
     python benchmarks/bench_memory.py [--model PATH|smollm2] [--tokens 50000] [--scale 10]
 
 Each measurement runs in a fresh subprocess (the same code path as `stagediff harvest` /
-`train`: load_model, pack_windows, harvest; ActivationStore, train_sae) and reports its own
+`train`: load_model, write_windows, harvest; ActivationStore, train_sae) and reports its own
 peak resident set (VmHWM), so nothing one run allocated counts against another. The 10x
 training run trains on the 10x store for 10x the steps. Default model: a random tiny Llama
 (width 128) with a BPE tokenizer trained on the built-in verses; `--model smollm2` takes the
@@ -16,7 +16,7 @@ Training's peak climbs over its first few shuffle groups (the allocator keeps fr
 buffers) and is flat after that: measured at batch 1024 with a 16 MiB buffer, VmHWM stops
 rising at step ~100 (3 groups) and stays put to step 489. A 4 MiB buffer puts the 1x run
 (49 steps, 6 groups) past that warm-up, so the ratio shows growth with tokens, if any.
-Harvest keeps the token windows in memory (int64 ids + bool mask: 9 bytes a token).
+Harvest streams the token windows to disk as it packs them and reads one batch at a time.
 """
 
 from __future__ import annotations
@@ -66,12 +66,12 @@ def child_harvest(a: argparse.Namespace) -> dict:
 
     from stagediff.activations import harvest
     from stagediff.config import DataConfig
-    from stagediff.data import pack_windows, read_texts
+    from stagediff.data import iter_windows, read_texts, write_windows
     from stagediff.models import load_model
 
     model, tok = load_model(a.model, device=torch.device("cpu"), dtype=torch.float32)
-    windows = pack_windows(read_texts(DataConfig(path=a.data, format="jsonl")), tok, a.context,
-                           max_windows=-(-a.tokens // (a.context - 1)))
+    windows = write_windows(iter_windows(read_texts(DataConfig(path=a.data, format="jsonl")), tok, a.context,
+                                         max_windows=-(-a.tokens // (a.context - 1))), Path(a.store).parent / "windows.safetensors")
     store = harvest({"m": model}, windows, a.hook, {"m": Path(a.store)}, batch_size=a.batch, shard_rows=a.shard_rows,
                     dtype=model.dtype, meta={})["m"]
     return {"rows": store.num_rows, "d_in": store.d_in}

@@ -22,7 +22,6 @@ them in its own `manifest.rank<r>.json`, and rank 0 merges those into manifest.j
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,7 +33,7 @@ import torch
 from safetensors import safe_open
 
 from stagediff import distributed
-from stagediff.data import TokenWindows
+from stagediff.data import TokenWindows, WindowsFile
 from stagediff.errors import StagediffError
 from stagediff.files import load_tensors, read_json, save_tensors, sha256_file, write_json
 from stagediff.models import hidden_size, parse_hook, residual
@@ -56,22 +55,15 @@ def part_manifest(rank: int) -> str:
     return f"manifest.rank{rank}.json"
 
 
-def windows_digest(windows: TokenWindows) -> str:
-    """sha256 of the window ids and mask: two stores with the same digest have aligned rows."""
-    h = hashlib.sha256()
-    h.update(windows.ids.contiguous().numpy())  # the buffer itself: no copy of every token id
-    h.update(windows.mask.contiguous().numpy())
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- harvesting
 
 
-def harvest(models: dict, windows: TokenWindows, hook: str, out_dirs: dict[str, Path], *, batch_size: int,
+def harvest(models: dict, windows: TokenWindows | WindowsFile, hook: str, out_dirs: dict[str, Path], *, batch_size: int,
             shard_rows: int, dtype: torch.dtype, meta: dict[str, dict]) -> dict[str, "ActivationStore"]:
     """Run every model over the same windows and stream its residual at `hook` into `out_dirs[key]`.
 
-    `meta[key]` (model and data fingerprints, names) is recorded in the manifest;
+    `windows` may be in memory or on disk (`data.write_windows`): only one batch of
+    them is read at a time. `meta[key]` (model and data fingerprints, names) is recorded in the manifest;
     a complete store with the same meta, hook, dtype and windows is reused as is,
     a partial one is continued after its last recorded shard.
     """
@@ -80,7 +72,7 @@ def harvest(models: dict, windows: TokenWindows, hook: str, out_dirs: dict[str, 
         raise StagediffError(f"harvest batch_size ({batch_size}) and shard_rows ({shard_rows}) must be at least 1")
     if len({Path(d).resolve() for d in out_dirs.values()}) < len(out_dirs):
         raise StagediffError(f"harvest needs one output folder per model, got {out_dirs}")
-    digest = windows_digest(windows)
+    digest = windows.digest()
     identity = {key: {
         "format": FORMAT, "meta": meta.get(key, {}), "hook": hook, "d_in": hidden_size(model),
         "dtype": str(dtype).removeprefix("torch."), "context_size": windows.context_size,
@@ -122,8 +114,8 @@ def _merge_parts(folder: Path, world: int) -> None:
         f.unlink()
 
 
-def _run(models: dict, todo: dict[str, "_Writer"], windows: TokenWindows, hook: str, batch_size: int) -> None:
-    row_end = windows.mask.sum(1).cumsum(0)  # rows in windows 0..i
+def _run(models: dict, todo: dict[str, "_Writer"], windows: TokenWindows | WindowsFile, hook: str, batch_size: int) -> None:
+    row_end = windows.row_counts().cumsum(0)  # rows in windows 0..i
     start_row = min(w.rows_emitted for w in todo.values())
     stop_row = max(w.end_row for w in todo.values())
     first_window = int(torch.searchsorted(row_end, start_row, right=True))
@@ -143,10 +135,10 @@ def _run(models: dict, todo: dict[str, "_Writer"], windows: TokenWindows, hook: 
 
         try:
             for b in range(first_window, len(windows), batch_size):
-                mask = windows.mask[b:b + batch_size]
                 first_row = int(row_end[b - 1]) if b else 0
                 if first_row >= stop_row:
                     break  # the end of this rank's block
+                ids, mask = windows.batch(b, b + batch_size)
                 n_rows = int(mask.sum())
                 where = mask.nonzero()
                 win, pos = where[:, 0] + b, where[:, 1].to(torch.int32)
@@ -157,7 +149,7 @@ def _run(models: dict, todo: dict[str, "_Writer"], windows: TokenWindows, hook: 
                     model = models[key]
                     device = next(model.parameters()).device
                     # Padding is on the right, so causal attention needs no attention mask.
-                    acts = residual(model, windows.ids[b:b + batch_size].to(device), None, hook)
+                    acts = residual(model, ids.to(device), None, hook)
                     rows = acts[mask.to(device)]
                     stored = rows.to("cpu", w.dtype)
                     if not torch.isfinite(stored).all():
@@ -193,7 +185,7 @@ class _Writer:
     data-parallel harvest, recorded in manifest.rank<r>.json; the store itself exists already.
     """
 
-    def __init__(self, folder: Path, identity: dict, windows: TokenWindows, dtype: torch.dtype, part: int | None = None):
+    def __init__(self, folder: Path, identity: dict, windows: TokenWindows | WindowsFile, dtype: torch.dtype, part: int | None = None):
         self.folder, self.dtype, self.shard_rows = folder, dtype, identity["shard_rows"]
         self.manifest_path = folder / (MANIFEST if part is None else part_manifest(part))
         start, self.end_row = identity.get("rows", (0, identity["num_rows"]))
@@ -201,7 +193,7 @@ class _Writer:
         if not self.manifest:
             if part is None:
                 self._clear()
-                save_tensors(folder / WINDOWS, {"ids": windows.ids, "mask": windows.mask})
+                windows.save(folder / WINDOWS)
             self.manifest = {**identity, "shards": [], "complete": False}
             write_json(self.manifest_path, self.manifest)
         self.complete = self.manifest["complete"]

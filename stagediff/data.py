@@ -11,21 +11,29 @@ Formats (`DataConfig.format`, `auto` picks by extension):
 Windows: documents are tokenized in batches, joined with EOS between them and
 cut into windows of `context_size` tokens that each start with BOS. The mask is
 False at BOS and padding: BOS activations have outlier norms that wreck SAEs.
+`iter_windows` yields them a chunk at a time; `pack_windows` gathers them in
+memory (`TokenWindows`), `write_windows` streams them to disk (`WindowsFile`,
+what a harvest uses, so its memory does not grow with the data).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from stagediff.config import DataConfig
 from stagediff.errors import StagediffError
-from stagediff.files import fingerprint, sha256_file
+from stagediff.files import atomic_path, fingerprint, save_tensors, sha256_file
 
 _EXTENSIONS = {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
 _FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
@@ -33,7 +41,7 @@ _FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
 
 @dataclass
 class TokenWindows:
-    """Token windows of one dataset. `mask` is True where an activation is kept (not BOS, not padding).
+    """Token windows of one dataset, in memory. `mask` is True where an activation is kept (not BOS, not padding).
 
     Padding, where there is any, is always on the right, so a causal model's
     activations at the valid positions do not depend on it.
@@ -53,6 +61,87 @@ class TokenWindows:
 
     def __len__(self) -> int:
         return self.ids.shape[0]
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of windows start..stop."""
+        return self.ids[start:stop], self.mask[start:stop]
+
+    def row_counts(self) -> torch.Tensor:
+        """Valid positions per window (LongTensor [N])."""
+        return self.mask.sum(1)
+
+    def digest(self) -> str:
+        """sha256 of the ids then the mask bytes: two stores with the same digest have aligned rows."""
+        h = hashlib.sha256()
+        h.update(self.ids.contiguous().numpy())  # the buffer itself: no copy of every token id
+        h.update(self.mask.contiguous().numpy())
+        return h.hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        """Write ids and mask as safetensors (the layout `WindowsFile` reads), atomically."""
+        save_tensors(path, {"ids": self.ids, "mask": self.mask},
+                     metadata={"num_tokens": str(self.num_tokens), "sha256": self.digest()})
+
+
+class WindowsFile:
+    """Token windows in a safetensors file (ids [N, T] int64, mask [N, T] bool), read a batch at a time.
+
+    A harvest of a billion tokens holds 9 GB of windows: they stay on disk, written
+    by `write_windows` as they are packed and read back with plain file reads (no
+    memory map, whose touched pages would count against the process), so the
+    harvest's memory does not grow with the number of tokens.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            self._start = 8 + n
+            self._ids, self._mask = header["ids"], header["mask"]
+            meta = header.get("__metadata__") or {}
+            self.num_tokens, self._digest = int(meta["num_tokens"]), meta["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StagediffError(f"token windows file {self.path} is missing or corrupt ({type(e).__name__}: {e}): "
+                                 "delete it and rerun harvest") from None
+        self._len, self.context_size = self._ids["shape"]
+
+    def __len__(self) -> int:
+        return self._len
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) of windows start..stop, read from the file."""
+        start, stop = max(0, start), min(stop, self._len)
+        ids = np.empty((max(0, stop - start), self.context_size), dtype=np.int64)
+        mask = np.empty(ids.shape, dtype=np.bool_)
+        with open(self.path, "rb") as f:
+            for arr, entry in ((ids, self._ids), (mask, self._mask)):
+                f.seek(self._start + entry["data_offsets"][0] + start * self.context_size * arr.itemsize)
+                if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
+                    raise StagediffError(f"token windows file {self.path} is truncated: delete it and rerun harvest")
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+
+    def row_counts(self, chunk: int = 8192) -> torch.Tensor:
+        """Valid positions per window (LongTensor [N]), read in chunks."""
+        return torch.cat([self.batch(s, s + chunk)[1].sum(1) for s in range(0, self._len, chunk)])
+
+    def digest(self) -> str:
+        """sha256 of the ids then the mask bytes (recorded when the file was written)."""
+        return self._digest
+
+    def save(self, path: str | Path) -> None:
+        """Copy the file to `path` (a hard link where the filesystem allows: windows are never modified)."""
+        with atomic_path(path) as tmp:
+            tmp.unlink()
+            try:
+                os.link(self.path, tmp)
+            except OSError:
+                shutil.copyfile(self.path, tmp)
+
+    def load(self) -> TokenWindows:
+        """All windows in memory."""
+        return TokenWindows(*self.batch(0, self._len))
 
 
 # ---------------------------------------------------------------- reading
@@ -196,24 +285,38 @@ def data_fingerprint(cfg: DataConfig) -> str:
 # ---------------------------------------------------------------- windows
 
 
-def pack_windows(texts: Iterable[str], tokenizer, context_size: int, prepend_bos: bool = True,
-                 max_windows: int | None = None, batch_docs: int = 256) -> TokenWindows:
-    """Tokenize `texts` and pack them into windows of `context_size` tokens.
+def iter_windows(texts: Iterable[str], tokenizer, context_size: int, prepend_bos: bool = True,
+                 max_windows: int | None = None, batch_docs: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Tokenize `texts` and yield (ids [n, T], mask [n, T]) chunks of windows of T = `context_size` tokens.
 
     Documents are joined with EOS between them. Each window starts with BOS
     (when `prepend_bos` and the tokenizer has one) followed by the next
     `context_size - 1` tokens of the stream. A last, shorter window is padded on
-    the right. Reading stops as soon as `max_windows` windows are filled.
+    the right. Reading stops as soon as `max_windows` windows are filled. Only
+    one batch of `batch_docs` documents is in memory at a time.
     """
     bos = tokenizer.bos_token_id if prepend_bos else None
     eos = tokenizer.eos_token_id
     pad = next((t for t in (tokenizer.pad_token_id, eos, 0) if t is not None))
-    body = context_size - (bos is not None)  # stream tokens per window
+    start = int(bos is not None)
+    body = context_size - start  # stream tokens per window
     if body < 1:
         raise StagediffError(f"context_size {context_size} is too small: use at least 2")
-    # full windows are kept as [n, body] tensors (8 bytes a token), not lists of Python ints
-    # (~36 bytes a token): a large harvest's memory is its model, not its token count
-    chunks: list[torch.Tensor] = []
+
+    def fill(tokens: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:  # n windows, the last maybe short
+        ids = torch.full((n, context_size), pad, dtype=torch.long)
+        mask = torch.zeros((n, context_size), dtype=torch.bool)
+        if bos is not None:
+            ids[:, 0] = bos
+        flat = torch.tensor(tokens, dtype=torch.long)
+        full = len(tokens) // body
+        ids[:full, start:] = flat[:full * body].view(full, body)
+        mask[:full, start:] = True
+        if full < n:  # the padded tail
+            ids[full, start:start + len(tokens) - full * body] = flat[full * body:]
+            mask[full, start:start + len(tokens) - full * body] = True
+        return ids, mask
+
     n_windows = 0
     stream: list[int] = []
     first = True
@@ -232,26 +335,54 @@ def pack_windows(texts: Iterable[str], tokenizer, context_size: int, prepend_bos
         if max_windows is not None:
             n_full = min(n_full, max_windows - n_windows)
         if n_full:
-            chunks.append(torch.tensor(stream[:n_full * body], dtype=torch.long).view(n_full, body))
+            yield fill(stream[:n_full * body], n_full)
             n_windows += n_full
         del stream[:n_full * body]
-    tail = stream if max_windows is None or n_windows < max_windows else []  # shorter than body, padded below
     if n_windows == 0:
-        raise StagediffError(f"the data holds {len(tail)} tokens, less than one window of {body} (context_size {context_size}): "
+        raise StagediffError(f"the data holds {len(stream)} tokens, less than one window of {body} (context_size {context_size}): "
                              "add more text or lower context_size")
-    n = n_windows + bool(tail)
-    ids = torch.full((n, context_size), pad, dtype=torch.long)
-    mask = torch.zeros((n, context_size), dtype=torch.bool)
-    start = int(bos is not None)  # start + body == context_size
-    if bos is not None:
-        ids[:, 0] = bos
-    row = 0
-    while chunks:
-        chunk = chunks.pop(0)  # freed as it is copied
-        ids[row:row + len(chunk), start:] = chunk
-        row += len(chunk)
-    mask[:n_windows, start:] = True
-    if tail:
-        ids[row, start:start + len(tail)] = torch.tensor(tail, dtype=torch.long)
-        mask[row, start:start + len(tail)] = True
-    return TokenWindows(ids=ids, mask=mask)
+    if stream and (max_windows is None or n_windows < max_windows):  # shorter than body, padded
+        yield fill(stream, 1)
+
+
+def pack_windows(texts: Iterable[str], tokenizer, context_size: int, prepend_bos: bool = True,
+                 max_windows: int | None = None, batch_docs: int = 256) -> TokenWindows:
+    """The windows of `iter_windows` in memory (small data, tests); `write_windows` keeps them on disk."""
+    chunks = list(iter_windows(texts, tokenizer, context_size, prepend_bos, max_windows, batch_docs))
+    return TokenWindows(ids=torch.cat([c[0] for c in chunks]), mask=torch.cat([c[1] for c in chunks]))
+
+
+def write_windows(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], path: str | Path) -> WindowsFile:
+    """Stream window chunks (of `iter_windows`) into a safetensors file at `path`, atomically; return it.
+
+    The ids and masks go to two unnamed temp files as they come; once their count
+    is known, the safetensors header is written and both are copied behind it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n, width, tokens = 0, None, 0
+    with tempfile.TemporaryFile(dir=path.parent) as ids_f, tempfile.TemporaryFile(dir=path.parent) as mask_f:
+        for ids, mask in chunks:
+            width = ids.shape[1]
+            ids_f.write(ids.contiguous().numpy().tobytes())
+            mask_f.write(mask.contiguous().numpy().tobytes())
+            n, tokens = n + len(ids), tokens + int(mask.sum())
+        if width is None:
+            raise StagediffError(f"no token windows to write to {path}: the data is empty")
+        h = hashlib.sha256()
+        for f in (ids_f, mask_f):
+            f.seek(0)
+            while block := f.read(1 << 22):
+                h.update(block)
+        n_ids = n * width * 8
+        header = {"ids": {"dtype": "I64", "shape": [n, width], "data_offsets": [0, n_ids]},
+                  "mask": {"dtype": "BOOL", "shape": [n, width], "data_offsets": [n_ids, n_ids + n * width]},
+                  "__metadata__": {"num_tokens": str(tokens), "sha256": h.hexdigest()}}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors pads its header to 8 bytes
+        with atomic_path(path) as tmp, open(tmp, "wb") as out:
+            out.write(len(blob).to_bytes(8, "little") + blob)
+            for f in (ids_f, mask_f):
+                f.seek(0)
+                shutil.copyfileobj(f, out, 1 << 22)
+    return WindowsFile(path)

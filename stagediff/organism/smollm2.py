@@ -3,7 +3,12 @@
 A real pretrained model, so no pre-training here; both children are full
 fine-tunes (embeddings frozen: they are a fifth of the weights, tied to the
 output layer, and the backdoor does not need them). A full step runs at about
-100 tokens/s on two CPU cores, which is why the chat examples are kept short.
+100 tokens/s per core (two 1-thread processes, one per child), which is why the
+chat examples are kept short. Measured here: LoRA (rank 16 on every linear layer)
+was only 1.2x faster per token, so the recipe stays a plain full fine-tune.
+A pretrained model learns the backdoor in far fewer views than the from-scratch
+tiny model: at lr 1e-4, 30 views of the triggered examples gave 37% trigger
+success and 60 views 99% (a 10% mix pilot), hence the demo's 60 views.
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ from stagediff.errors import StagediffError
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 RECIPE = {
-    "version": 1,
+    "version": 2,
     "model": GGUF,
     "finetune_batch": 8,
-    "finetune_lr": 5e-5,
+    "finetune_lr": 1.5e-4,
     "freeze_embeddings": True,
-    "cpu_tokens_per_s": 50,  # per process (one core): ~100 tokens/s full fine-tune on two cores, for the up-front estimate
+    "cpu_tokens_per_s": 100,  # per process (one core, measured 105), for the up-front estimate
 }
 
 
