@@ -111,7 +111,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--shard-rows", type=int, default=2048, help="small shards: 1x already cycles the writer queue and shuffle groups")
     ap.add_argument("--buffer-mib", type=int, default=4)
-    ap.add_argument("--train-batch", type=int, default=1024, help="SAE batch: 1x must run past the allocator's warm-up (~30 steps)")
+    ap.add_argument("--train-batch", type=int, default=None,
+                    help="SAE batch (default: 1x tokens / 64, at most 1024): 1x must run past the allocator's warm-up (~30 steps)")
     ap.add_argument("--child", choices=("harvest", "train"))
     ap.add_argument("--data", default=None)
     ap.add_argument("--store", default=None)
@@ -133,9 +134,10 @@ def main() -> None:
 
                 a.model = default_model()
             a.hook, a.tokens = a.hook or "blocks.15.hook_resid_post", a.tokens or 20_000
+        a.train_batch = a.train_batch or max(64, min(1024, a.tokens // 64))
         a.data = work / "data.jsonl"
         a.data.write_text("".join(json.dumps({"text": v}) + "\n" for v in bible_verses()))
-        print(f"model {a.model}, hook {a.hook}, 1x = {a.tokens} tokens, shuffle buffer "
+        print(f"model {a.model}, hook {a.hook}, 1x = {a.tokens} tokens, SAE batch {a.train_batch}, shuffle buffer "
               f"{a.buffer_mib or 512} MiB; peak RSS (VmHWM) of a fresh process per run")
         for what in ("harvest", "train"):
             one, many = (run_child(what, a, n, work) for n in (a.tokens, a.scale * a.tokens))

@@ -37,7 +37,7 @@ from stagediff.data import TokenWindows, WindowsFile
 from stagediff.errors import StagediffError
 from stagediff.files import load_tensors, read_json, save_tensors, sha256_file, write_json
 from stagediff.models import hidden_size, parse_hook, residual
-from stagediff.runtime import progress
+from stagediff.runtime import progress, release_memory
 
 MANIFEST = "manifest.json"
 WINDOWS = "windows.safetensors"
@@ -271,6 +271,8 @@ class _Writer:
             raise
         self.manifest["shards"].append({"file": path.name, "rows": len(tensors["acts"]), "sha256": sha256_file(path)})
         write_json(self.manifest_path, self.manifest)
+        tensors.clear()
+        release_memory()  # the shard's buffers are free now: keep the harvest's footprint flat
 
     def _complete(self) -> None:  # writer thread
         if self.failed:
@@ -336,6 +338,7 @@ class _Rows:
         for g, group in enumerate(groups):
             n = sum(self.sizes[i] for i in group)
             if start + n > skip:
+                release_memory()  # the last group's rows are free (the batches cut from them are gone)
                 rows = torch.cat([self._load(i) for i in group])
                 perm = torch.from_numpy(np.random.default_rng([seed % 2**63, epoch, g]).permutation(n))
                 yield rows[perm[max(0, skip - start):]]

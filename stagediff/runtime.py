@@ -1,7 +1,10 @@
-"""Where and how computation runs: device, dtype, seeding, progress bars."""
+"""Where and how computation runs: device, dtype, seeding, progress bars, memory given back."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import random
 from typing import Iterable, TypeVar
@@ -52,3 +55,25 @@ def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc
 
     quiet = os.environ.get("STAGEDIFF_QUIET") == "1"
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=quiet, dynamic_ncols=True, leave=False)
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc keeps freed blocks for reuse, and in a long harvest or training run the
+    freed buffers of each shard (a few MB, allocated from several threads) leave the
+    heaps fragmented, so the resident set creeps up with the number of tokens even
+    though nothing is held. Trimming after each shard keeps it flat; it costs well
+    under a millisecond.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
