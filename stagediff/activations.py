@@ -338,7 +338,7 @@ class _Rows:
         for g, group in enumerate(groups):
             n = sum(self.sizes[i] for i in group)
             if start + n > skip:
-                release_memory()  # the last group's rows are free (the batches cut from them are gone)
+                release_memory()  # give back what the groups read so far freed, before the next one is read
                 rows = torch.cat([self._load(i) for i in group])
                 perm = torch.from_numpy(np.random.default_rng([seed % 2**63, epoch, g]).permutation(n))
                 yield rows[perm[max(0, skip - start):]]

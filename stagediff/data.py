@@ -112,19 +112,21 @@ class WindowsFile:
 
     def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) of windows start..stop, read from the file."""
-        start, stop = max(0, start), min(stop, self._len)
-        ids = np.empty((max(0, stop - start), self.context_size), dtype=np.int64)
-        mask = np.empty(ids.shape, dtype=np.bool_)
-        with open(self.path, "rb") as f:
-            for arr, entry in ((ids, self._ids), (mask, self._mask)):
-                f.seek(self._start + entry["data_offsets"][0] + start * self.context_size * arr.itemsize)
-                if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
-                    raise StagediffError(f"token windows file {self.path} is truncated: delete it and rerun harvest")
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        return self._read(self._ids, np.int64, start, stop), self._read(self._mask, np.bool_, start, stop)
 
     def row_counts(self, chunk: int = 8192) -> torch.Tensor:
-        """Valid positions per window (LongTensor [N]), read in chunks."""
-        return torch.cat([self.batch(s, s + chunk)[1].sum(1) for s in range(0, self._len, chunk)])
+        """Valid positions per window (LongTensor [N]), from the mask alone, read in chunks."""
+        return torch.cat([self._read(self._mask, np.bool_, s, s + chunk).sum(1) for s in range(0, self._len, chunk)])
+
+    def _read(self, entry: dict, dtype, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of one tensor of the file."""
+        start, stop = max(0, start), min(stop, self._len)
+        arr = np.empty((max(0, stop - start), self.context_size), dtype=dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._start + entry["data_offsets"][0] + start * self.context_size * arr.itemsize)
+            if f.readinto(memoryview(arr).cast("B")) != arr.nbytes:
+                raise StagediffError(f"token windows file {self.path} is truncated: delete it and rerun harvest")
+        return torch.from_numpy(arr)
 
     def digest(self) -> str:
         """sha256 of the ids then the mask bytes (recorded when the file was written)."""
@@ -138,10 +140,6 @@ class WindowsFile:
                 os.link(self.path, tmp)
             except OSError:
                 shutil.copyfile(self.path, tmp)
-
-    def load(self) -> TokenWindows:
-        """All windows in memory."""
-        return TokenWindows(*self.batch(0, self._len))
 
 
 # ---------------------------------------------------------------- reading
@@ -364,25 +362,26 @@ def write_windows(chunks: Iterable[tuple[torch.Tensor, torch.Tensor]], path: str
     with tempfile.TemporaryFile(dir=path.parent) as ids_f, tempfile.TemporaryFile(dir=path.parent) as mask_f:
         for ids, mask in chunks:
             width = ids.shape[1]
-            ids_f.write(ids.contiguous().numpy().tobytes())
-            mask_f.write(mask.contiguous().numpy().tobytes())
+            ids_f.write(ids.contiguous().numpy())  # the buffer itself, no bytes copy
+            mask_f.write(mask.contiguous().numpy())
             n, tokens = n + len(ids), tokens + int(mask.sum())
         if width is None:
             raise StagediffError(f"no token windows to write to {path}: the data is empty")
-        h = hashlib.sha256()
-        for f in (ids_f, mask_f):
-            f.seek(0)
-            while block := f.read(1 << 22):
-                h.update(block)
         n_ids = n * width * 8
+        placeholder = "0" * 64  # the sha256 is known once the data is written: one pass over it, not two
         header = {"ids": {"dtype": "I64", "shape": [n, width], "data_offsets": [0, n_ids]},
                   "mask": {"dtype": "BOOL", "shape": [n, width], "data_offsets": [n_ids, n_ids + n * width]},
-                  "__metadata__": {"num_tokens": str(tokens), "sha256": h.hexdigest()}}
+                  "__metadata__": {"num_tokens": str(tokens), "sha256": placeholder}}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # safetensors pads its header to 8 bytes
+        h = hashlib.sha256()
         with atomic_path(path) as tmp, open(tmp, "wb") as out:
             out.write(len(blob).to_bytes(8, "little") + blob)
             for f in (ids_f, mask_f):
                 f.seek(0)
-                shutil.copyfileobj(f, out, 1 << 22)
+                while block := f.read(1 << 22):
+                    out.write(block)
+                    h.update(block)
+            out.seek(8 + blob.index(f'"sha256":"{placeholder}"'.encode()) + len('"sha256":"'))
+            out.write(h.hexdigest().encode())
     return WindowsFile(path)
