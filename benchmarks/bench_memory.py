@@ -17,6 +17,15 @@ buffers) and is flat after that: measured at batch 1024 with a 16 MiB buffer, Vm
 rising at step ~100 (3 groups) and stays put to step 489. A 4 MiB buffer puts the 1x run
 (49 steps, 6 groups) past that warm-up, so the ratio shows growth with tokens, if any.
 Harvest streams the token windows to disk as it packs them and reads one batch at a time.
+
+Two figures per run: peak RSS (VmHWM: private memory plus the file pages mapped in, such as
+the memory-mapped weights) and the peak of private memory alone (RssAnon, sampled every
+5 ms). 1x runs twice; the ratio of those two equal runs is the noise a ratio has to beat.
+Each is measured under glibc's default malloc and under a fixed mmap threshold (`--malloc`,
+see MALLOC below), which takes the allocator's run-to-run noise out.
+The harvest reads the input embedding table once before it starts (activations._run):
+without that, the table's rows page in from the mapped checkpoint as new token ids turn
+up, and SmolLM2's peak RSS rose 1.06x from 1x to 10x while private memory stayed flat.
 """
 
 from __future__ import annotations
@@ -34,12 +43,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def peak_rss_mib() -> float:
     """This process's peak resident set so far (VmHWM), in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
+    return _status_mib("VmHWM")
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise SystemExit("bench_memory reads /proc/self/status: it runs on Linux only")
+
+
+def watch_private_peak() -> dict:
+    """Sample RssAnon (private memory, not file pages) every 5 ms in a thread; the returned dict holds its peak."""
+    import threading
+    import time
+
+    peak = {"private": 0.0}
+
+    def sample() -> None:
+        while True:
+            peak["private"] = max(peak["private"], _status_mib("RssAnon"))
+            time.sleep(0.005)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return peak
 
 
 def tiny_model(folder: Path) -> str:
@@ -90,12 +117,19 @@ def child_train(a: argparse.Namespace) -> dict:
     return {"rows": store.num_rows, "steps": -(-store.num_rows // cfg.batch_size), "d_sae": stats.d_sae}
 
 
-def run_child(what: str, a: argparse.Namespace, tokens: int, work: Path) -> dict:
-    store = work / f"{tokens}" / "store"
+# glibc's default malloc moves its mmap threshold as the program frees large blocks, so where the
+# forward's transient buffers land differs run to run (+-3% of the peak on SmolLM2). A fixed
+# threshold maps every block over 64 KiB afresh and unmaps it on free: ~30% slower, but the peak
+# then repeats to the MiB, so growth with tokens, if any, shows. stagediff leaves malloc alone.
+MALLOC = {"default": {}, "steady": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+def run_child(what: str, a: argparse.Namespace, tokens: int, work: Path, malloc: str) -> dict:
+    store = work / f"{tokens}" / "store"  # train reads the store harvest wrote into the same folder
     cmd = [sys.executable, __file__, "--child", what, "--model", a.model, "--data", str(a.data), "--store", str(store),
            "--tokens", str(tokens), "--hook", a.hook, "--context", str(a.context), "--batch", str(a.batch),
            "--shard-rows", str(a.shard_rows), "--buffer-mib", str(a.buffer_mib), "--train-batch", str(a.train_batch)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STAGEDIFF_QUIET": "1"})
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "STAGEDIFF_QUIET": "1", **MALLOC[malloc]})
     if r.returncode:
         raise SystemExit(f"{what} child failed:\n{r.stderr[-4000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -113,13 +147,15 @@ def main() -> None:
     ap.add_argument("--buffer-mib", type=int, default=4)
     ap.add_argument("--train-batch", type=int, default=None,
                     help="SAE batch (default: 1x tokens / 64, at most 1024): 1x must run past the allocator's warm-up (~30 steps)")
+    ap.add_argument("--malloc", choices=(*MALLOC, "both"), default="both", help="glibc malloc settings of the measured runs")
     ap.add_argument("--child", choices=("harvest", "train"))
     ap.add_argument("--data", default=None)
     ap.add_argument("--store", default=None)
     a = ap.parse_args()
     if a.child:
+        private = watch_private_peak()
         out = (child_harvest if a.child == "harvest" else child_train)(a)
-        print(json.dumps({**out, "peak_rss_mib": peak_rss_mib()}))
+        print(json.dumps({**out, "peak_rss_mib": peak_rss_mib(), "peak_private_mib": private["private"]}))
         return
 
     from stagediff.organism.corpus import bible_verses
@@ -139,11 +175,16 @@ def main() -> None:
         a.data.write_text("".join(json.dumps({"text": v}) + "\n" for v in bible_verses()))
         print(f"model {a.model}, hook {a.hook}, 1x = {a.tokens} tokens, SAE batch {a.train_batch}, shuffle buffer "
               f"{a.buffer_mib or 512} MiB; peak RSS (VmHWM) of a fresh process per run")
+        print(f"{'':16s} {'1x':>8s} {'1x again':>9s} {f'{a.scale}x':>8s}   ratio {a.scale}x/1x (1x again/1x: run-to-run noise)")
         for what in ("harvest", "train"):
-            one, many = (run_child(what, a, n, work) for n in (a.tokens, a.scale * a.tokens))
-            print(f"{what:8s} 1x: {one['peak_rss_mib']:7.0f} MiB ({one['rows']} rows)   {a.scale}x: "
-                  f"{many['peak_rss_mib']:7.0f} MiB ({many['rows']} rows)   ratio {many['peak_rss_mib'] / one['peak_rss_mib']:.3f}")
-
+            for malloc in MALLOC if a.malloc == "both" else (a.malloc,):
+                # 1x runs twice (the second in a fresh folder, harvesting again): the spread of two equal runs
+                runs = [run_child(what, a, n, work / malloc / tag, malloc)
+                        for n, tag in ((a.tokens, "a"), (a.tokens, "b"), (a.scale * a.tokens, "a"))]
+                for field, name in (("peak_rss_mib", "peak RSS"), ("peak_private_mib", "private")):
+                    one, again, many = (r[field] for r in runs)
+                    print(f"{what:7s} {malloc:8s} {one:6.0f}Mi {again:7.0f}Mi {many:6.0f}Mi   {many / one:.3f} ({again / one:.3f})  "
+                          f"{name}" + (f"   [{runs[0]['rows']} / {runs[2]['rows']} rows]" if field == "peak_rss_mib" else ""))
 
 if __name__ == "__main__":
     main()

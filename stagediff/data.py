@@ -18,6 +18,7 @@ what a harvest uses, so its memory does not grow with the data).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -323,8 +324,10 @@ def iter_windows(texts: Iterable[str], tokenizer, context_size: int, prepend_bos
         batch = list(itertools.islice(docs, batch_docs))
         if not batch:
             break
-        # verbose=False: long documents are fine here, we cut them into windows ourselves
-        for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+        with _no_word_cache(tokenizer):
+            # verbose=False: long documents are fine here, we cut them into windows ourselves
+            encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        for ids in encoded:
             if not first and eos is not None:
                 stream.append(eos)
             first = False
@@ -341,6 +344,26 @@ def iter_windows(texts: Iterable[str], tokenizer, context_size: int, prepend_bos
                              "add more text or lower context_size")
     if stream and (max_windows is None or n_windows < max_windows):  # shorter than body, padded
         yield fill(stream, 1)
+
+
+@contextlib.contextmanager
+def _no_word_cache(tokenizer) -> Iterator[None]:
+    """Switch off a fast BPE tokenizer's word cache for a while.
+
+    The cache keeps the split of every word met (up to 10,000 words); its memory
+    grows with the data and, freed or not, stays with the process (measured: +5 MB
+    from 50k to 1M tokens of KJV). Tokenizing without it is ~20% slower, still
+    hundreds of times faster than the forward that follows.
+    """
+    resize = getattr(getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None), "_resize_cache", None)
+    if resize is None:  # not a BPE model, or a tokenizers version without the switch
+        yield
+        return
+    resize(0)
+    try:
+        yield
+    finally:
+        resize(10_000)  # tokenizers' default capacity, for the tokenizer's other users
 
 
 def pack_windows(texts: Iterable[str], tokenizer, context_size: int, prepend_bos: bool = True,

