@@ -127,8 +127,8 @@ def _run(models: dict, todo: dict[str, "_Writer"], windows: TokenWindows | Windo
         # not met yet would page in as the harvest meets them, and the footprint would climb with the
         # data (up to vocab x d_model, 113 MB for SmolLM2). Read the table once, so that a short trial
         # harvest shows the footprint of the full one.
-        table = models[key].get_input_embeddings().weight
-        if table.device.type == "cpu":
+        table = getattr(models[key].get_input_embeddings(), "weight", None)
+        if isinstance(table, torch.Tensor) and table.device.type == "cpu":
             table.sum()
     bar = progress(total=stop_row - start_row, desc=f"harvest {hook}", unit="tok")
     pending: deque[Future] = deque()
