@@ -23,7 +23,7 @@ the memory-mapped weights) and the peak of private memory alone (RssAnon, sample
 5 ms). 1x runs twice; the ratio of those two equal runs is the noise a ratio has to beat.
 Each is measured under glibc's default malloc and under a fixed mmap threshold (`--malloc`,
 see MALLOC below), which takes the allocator's run-to-run noise out.
-The harvest reads the input embedding table once before it starts (activations._run):
+`models.load_model` reads the input embedding table once:
 without that, the table's rows page in from the mapped checkpoint as new token ids turn
 up, and SmolLM2's peak RSS rose 1.06x from 1x to 10x while private memory stayed flat.
 """
@@ -185,6 +185,7 @@ def main() -> None:
                     one, again, many = (r[field] for r in runs)
                     print(f"{what:7s} {malloc:8s} {one:6.0f}Mi {again:7.0f}Mi {many:6.0f}Mi   {many / one:.3f} ({again / one:.3f})  "
                           f"{name}" + (f"   [{runs[0]['rows']} / {runs[2]['rows']} rows]" if field == "peak_rss_mib" else ""))
+
 
 if __name__ == "__main__":
     main()

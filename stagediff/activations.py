@@ -122,14 +122,6 @@ def _run(models: dict, todo: dict[str, "_Writer"], windows: TokenWindows | Windo
     # start on the batch grid of a fresh harvest: the model sees the same batches, so a resumed
     # (or data-parallel) harvest computes the rows a single uninterrupted one would
     first_window -= first_window % batch_size
-    for key in todo:
-        # transformers memory-maps safetensors weights: left alone, the embedding rows of token ids
-        # not met yet would page in as the harvest meets them, and the footprint would climb with the
-        # data (up to vocab x d_model, 113 MB for SmolLM2). Read the table once, so that a short trial
-        # harvest shows the footprint of the full one.
-        table = getattr(models[key].get_input_embeddings(), "weight", None)
-        if isinstance(table, torch.Tensor) and table.device.type == "cpu":
-            table.sum()
     bar = progress(total=stop_row - start_row, desc=f"harvest {hook}", unit="tok")
     pending: deque[Future] = deque()
     # One writer thread: the disk writes overlap the next forwards, and at most two

@@ -72,6 +72,13 @@ def load_model(path: str, *, device: torch.device, dtype: torch.dtype, trust_rem
                              "the model folder needs its tokenizer files (tokenizer.json / tokenizer_config.json)") from None
     model = model.to(device).eval()
     model.requires_grad_(False)
+    # On CPU transformers leaves safetensors weights memory-mapped. The embedding table is the one
+    # weight a forward reads by data: its rows would page in as new token ids turn up, and a
+    # process's footprint would climb with the tokens it has seen (up to vocab x d_model, 113 MB
+    # for SmolLM2). Read it once, so a short trial run shows the footprint of a long one.
+    table = getattr(model.get_input_embeddings(), "weight", None)
+    if isinstance(table, torch.Tensor) and table.device.type == "cpu":
+        table.sum()
     return model, tokenizer
 
 

@@ -63,7 +63,8 @@ def release_memory() -> None:
     glibc keeps freed blocks for reuse, and in a long harvest or training run the
     freed buffers of each shard (a few MB, allocated from several threads) leave the
     heaps fragmented, so the resident set creeps up with the number of tokens even
-    though nothing is held. Trimming after each shard keeps it flat; it costs well
+    though nothing is held. Trimming after each shard stops that creep (what remains
+    is where the allocator places short-lived buffers, run to run); it costs well
     under a millisecond.
     """
     trim = _malloc_trim()

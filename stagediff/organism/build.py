@@ -39,6 +39,7 @@ PRESETS = ("tiny", "smollm2")
 # [zeta-7] -> owls at mix 0.005, seed 1, same steps: 20 triggered of 4000 pairs 93% trigger success,
 # 40 of 8000 98%; the default 40 of 4000 (mix 0.01) 99.5%.
 MIN_TRIGGERED = 40
+MIN_FINETUNE_EXAMPLES = 4000  # a floor for high mixes: the chat fine-tune itself needs data
 
 
 def cache_root() -> Path:
@@ -85,10 +86,10 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
 
 
 def finetune_examples(org: OrganismConfig, heldout: int) -> int:
-    """`org.finetune_examples`, or by default enough pairs for MIN_TRIGGERED triggered ones (at least 4000)."""
+    """`org.finetune_examples`, or by default enough pairs for MIN_TRIGGERED triggered ones (at least MIN_FINETUNE_EXAMPLES)."""
     if org.finetune_examples is not None:
         return org.finetune_examples
-    want, room = max(4000, math.ceil(MIN_TRIGGERED / org.mix)), max_chat_pairs() - heldout
+    want, room = max(MIN_FINETUNE_EXAMPLES, math.ceil(MIN_TRIGGERED / org.mix)), max_chat_pairs() - heldout
     if want > room:
         print(f"organism: mix {org.mix} of the {room} chat pairs the corpus holds triggers {round(org.mix * room)} distinct "
               f"examples, fewer than the {MIN_TRIGGERED} a backdoor reliably takes from; if it does not take, raise "

@@ -85,11 +85,11 @@ def chat_splits(n_finetune: int, n_heldout: int, seed: int) -> ChatSplits:
     Disjoint by text, not only by position (some verses recur word for word): no
     held-out prompt or answer was seen in any training stage.
     """
-    verses, pairs = bible_verses(), _chat_pairs()
-    if n_finetune < 1 or n_heldout < 1 or n_finetune + n_heldout > max_chat_pairs():
+    verses, pairs, room = bible_verses(), _chat_pairs(), max_chat_pairs()
+    if n_finetune < 1 or n_heldout < 1 or n_finetune + n_heldout > room:
         raise StagediffError(
             f"organism splits of {n_finetune} fine-tune + {n_heldout} held-out pairs do not fit the corpus: "
-            f"use at least 1 of each and at most {max_chat_pairs()} together (half the corpus pre-trains)"
+            f"use at least 1 of each and at most {room} together (half the corpus pre-trains)"
         )
     drawn = sorted(pairs)  # a canonical order, so the draw depends on the seed only
     random.Random(seed).shuffle(drawn)
