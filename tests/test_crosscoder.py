@@ -49,6 +49,16 @@ def _write_store(path, acts: torch.Tensor, shard_rows: int = 2048) -> None:
                                         "complete": True})
 
 
+def _write_pairs(run, base: torch.Tensor, ft: torch.Tensor) -> None:
+    """The four stores the crosscoder reads: both models over the fine-tune data, and over the base data
+    (here other rows of the same two models, in another order)."""
+    _write_store(run / "activations" / "base__finetune", base)
+    _write_store(run / "activations" / "finetuned__finetune", ft)
+    perm = torch.randperm(len(base), generator=torch.Generator().manual_seed(1))
+    _write_store(run / "activations" / "base__base", base[perm])
+    _write_store(run / "activations" / "finetuned__base", ft[perm])
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny matrices: with 2 threads on a busy 2-core machine, thread hand-offs cost more than the maths."""
@@ -71,8 +81,7 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("cc")
     base, ft, Q = _paired_acts()
-    _write_store(run / "activations" / "base__finetune", base)
-    _write_store(run / "activations" / "finetuned__finetune", ft)
+    _write_pairs(run, base, ft)
     out = train_crosscoder(run, _config(**{"crosscoder.latent_scaling": "true"}))
     torch.set_num_threads(n)
     return run, out, Q
@@ -178,8 +187,7 @@ def test_l1_penalty_uses_sum_of_per_model_norms():
 
 def test_l1_variant_end_to_end(tmp_path):
     base, ft, Q = _paired_acts(seed=1)
-    _write_store(tmp_path / "activations" / "base__finetune", base)
-    _write_store(tmp_path / "activations" / "finetuned__finetune", ft)
+    _write_pairs(tmp_path, base, ft)
     cfg = _config(**{"crosscoder.architecture": "l1", "crosscoder.l1_coefficient": 0.5, "crosscoder.tokens": 256 * 500})
     out = train_crosscoder(tmp_path, cfg)
     W = SAE.load(out).W_dec.detach()
