@@ -164,7 +164,7 @@ def step_harvest(run: Run) -> None:
         path = run.dir / "activations" / f".windows-{data}-{fingerprint(sorted(fps.values()))}.safetensors"
         with distributed.main_first():
             if not path.exists():
-                write_windows(iter_windows(read_texts(datasets[data]), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=n), path)
+                write_windows(iter_windows(read_texts(datasets[data], tokenizer), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=n), path)
         windows[data] = w = WindowsFile(path)
         if w.num_tokens < tokens:
             print(f"harvest: the {data} data holds {w.num_tokens:,} tokens, fewer than the {tokens:,} its stages ask for: "
