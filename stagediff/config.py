@@ -87,7 +87,9 @@ class StageConfig:
     model: str | None = None  # a key of `models` ("base", "finetuned", or user-named)
     data: str | None = None  # a key of `datasets` ("base", "finetune", or user-named)
     parent: str | None = None  # stage to fine-tune from; None = train from scratch
-    from_pretrained: str | None = None  # SAELens-format folder to load instead of training (root stages)
+    # a dictionary to load instead of training (root stages): a SAELens folder, hf://owner/repo/folder,
+    # or {release, sae_id} from sae_lens's pretrained registry (stagediff.hub)
+    from_pretrained: str | dict[str, str] | None = None
 
 
 def _default_stages() -> dict[str, StageConfig]:
@@ -386,7 +388,9 @@ def _convert(tp: Any, value: Any, where: str, default: Any = None) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where, default)
+        # `str | dict[...]` (stages.S.from_pretrained): a mapping takes the mapping type, anything else the first
+        shaped = [a for a in inner if typing.get_origin(a) is dict] if isinstance(value, dict) else []
+        return _convert((shaped or inner)[0], value, where, default)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, dataclasses.Field) or dataclasses.is_dataclass(value):
             return value

@@ -115,6 +115,9 @@ def step_harvest(run: Run) -> None:
     cfg = run.cfg
     needs = store_budgets(cfg)
     model_paths, datasets = cfg.model_paths(), cfg.data_configs()
+    for stage in resolve_stages(cfg):  # a released SAE is fetched and checked (hook, format) before anything else
+        if stage.from_pretrained:
+            load_pretrained(stage, None, cfg.hook)
     for key, path in model_paths.items():
         if any(m == key for m, _ in needs) and not path:
             raise StagediffError(f"no path is set for the {key} model: set {'base_model' if key == 'base' else 'finetuned_model' if key == 'finetuned' else 'models.' + key} in the config")
@@ -155,7 +158,7 @@ def step_harvest(run: Run) -> None:
     check_compatible(loaded)
     for stage in resolve_stages(cfg):
         if stage.from_pretrained and stage.model in loaded:
-            load_pretrained(stage, hidden_size(loaded[stage.model][0]))
+            load_pretrained(stage, hidden_size(loaded[stage.model][0]), cfg.hook)
     tokenizer = next(iter(loaded.values()))[1]
     windows = {}
     for data, (n, tokens, fps, _) in plans.items():
@@ -329,20 +332,29 @@ def sae_metadata(cfg: Config, stage: Stage, fp: str) -> dict:
 
 
 def import_pretrained(run: Run, stage: Stage, out: Path) -> None:
-    """Load a SAELens-format dictionary as a root stage, checked against the model's width."""
+    """Load a SAELens-format dictionary as a root stage, checked against the hook and the model's width."""
     # the width of the stage's model, as harvested (every store of a model has its width)
     widths = [read_json(p)["d_in"] for p in sorted((run.dir / "activations").glob(f"{stage.model}__*/manifest.json"))]
-    sae = load_pretrained(stage, widths[0] if widths else None)
-    meta = {**sae_metadata(run.cfg, stage, ""), "imported_from": stage.from_pretrained, "stage": stage.name,
-            "parent_stage": None}
+    sae, source = load_pretrained(stage, widths[0] if widths else None, run.cfg.hook)
+    meta = {**sae_metadata(run.cfg, stage, ""), "imported_from": source, "stage": stage.name, "parent_stage": None}
     sae.save(out, meta)
 
 
-def load_pretrained(stage: Stage, d_in: int | None):
-    """The SAELens-format dictionary a root stage starts from; its d_in must be `d_in` (the model's width)."""
+def load_pretrained(stage: Stage, d_in: int | None, hook: str):
+    """The SAELens-format dictionary a root stage starts from and where it came from (stagediff.hub).
+
+    Checked before anything is harvested: it must be trained at the run's `hook`, read
+    raw activations (no normalisation) and, once the model is known, have d_in = `d_in`.
+    """
+    from stagediff.hub import describe, read_hook, resolve_pretrained
     from stagediff.sae import SAE
 
-    return SAE.load(Path(stage.from_pretrained), device="cpu", expected_d_in=d_in)
+    folder, source = resolve_pretrained(stage.from_pretrained)
+    trained_at = read_hook(folder)
+    if trained_at and trained_at != hook:
+        raise StagediffError(f"stages.{stage.name}.from_pretrained {describe(stage.from_pretrained)} was trained at hook "
+                             f"{trained_at!r}, but the run reads {hook!r}: set hook: {trained_at} (or use an SAE of {hook})")
+    return SAE.load(folder, device="cpu", expected_d_in=d_in), source
 
 
 def provenance(wall: dict[str, float], inputs: dict | None = None) -> dict:
