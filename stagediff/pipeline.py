@@ -190,9 +190,11 @@ def step_train(run: Run) -> None:
     """Train every stage's dictionary, parents first; finished stages are never retrained."""
     from stagediff.activations import ActivationStore
     from stagediff.sae import SAE
+    from stagediff.tracking import Trackers
     from stagediff.train import finished, train_sae
 
     cfg = run.cfg
+    trackers = Trackers(cfg.log, run.dir, to_dict(cfg)) if distributed.is_main() else None  # wandb / tensorboard
     for stage in resolve_stages(cfg):
         fp = stage_fingerprint(run, stage)
         unit, out = f"train/{stage.name}", stage_dir(run.dir, stage.name)
@@ -207,8 +209,11 @@ def step_train(run: Run) -> None:
             store.verify()  # a damaged shard stops the run here (message: delete the store, rerun), never trained on
             seed_everything(stage.seed)
             train_sae(store, cfg.sae, tokens=stage.tokens, lr=stage.lr, out_dir=out, stage=stage.name, parent=parent,
-                      seed=stage.seed, device=run.device, metadata=sae_metadata(cfg, stage, fp))
+                      seed=stage.seed, device=run.device, metadata=sae_metadata(cfg, stage, fp),
+                      on_record=trackers.hook(stage.name) if trackers else None)
         run.finish(unit, fp)
+    if trackers:
+        trackers.close()
 
 
 def step_diff(run: Run) -> None:
