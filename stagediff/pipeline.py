@@ -126,7 +126,8 @@ def step_harvest(run: Run) -> None:
         by_data[data].append(model)
 
     dtype = resolve_dtype(cfg.harvest.model_dtype, run.device)
-    store_dtype = resolve_dtype(cfg.harvest.dtype, torch.device("cpu"))
+    store_dtype = resolve_dtype(cfg.harvest.dtype, run.device)  # auto: bfloat16 on GPU (half the disk), float32 on CPU
+    store_dtype_name = str(store_dtype).removeprefix("torch.")
     # Every input is checked before the first forward pass, so a bad one (a missing path, a
     # second model of another width, too little fine-tune data...) costs seconds, not the hours
     # of harvesting the inputs before it. 1: paths and fingerprints, and what is left to do.
@@ -140,7 +141,7 @@ def step_harvest(run: Run) -> None:
         tokens = max(needs[(m, data)] for m in model_keys)
         windows_needed = math.ceil(tokens / max(1, cfg.context_size - int(cfg.prepend_bos)))
         fps = {m: fingerprint([model_fps[m], data_fps[data], cfg.hook, cfg.context_size, cfg.prepend_bos,
-                               cfg.harvest.dtype, windows_needed]) for m in model_keys}
+                               store_dtype_name, windows_needed]) for m in model_keys}
         stores = {m: store_dir(run.dir, m, data) for m in model_keys}
         # a store deleted by hand (e.g. a damaged one, as its error message says) is harvested again
         todo = [m for m in model_keys
@@ -159,6 +160,9 @@ def step_harvest(run: Run) -> None:
     for stage in resolve_stages(cfg):
         if stage.from_pretrained and stage.model in loaded:
             load_pretrained(stage, hidden_size(loaded[stage.model][0]), cfg.hook)
+    check_disk(run.dir, {store_name(m, data): (n * (cfg.context_size - int(cfg.prepend_bos)), hidden_size(loaded[m][0]))
+                         for data, (n, _, _, todo) in plans.items() for m in todo},
+               {data: n * cfg.context_size for data, (n, *_) in plans.items()}, store_dtype)
     tokenizer = next(iter(loaded.values()))[1]
     windows = {}
     for data, (n, tokens, fps, _) in plans.items():
@@ -314,6 +318,32 @@ def store_budgets(cfg: Config) -> dict[tuple[str, str], int]:
             if (m, "finetune") in budgets:
                 budgets[(m, "finetune")] = max(budgets[(m, "finetune")], cfg.crosscoder.tokens)
     return dict(budgets)
+
+
+def check_disk(run_dir: Path, stores: dict[str, tuple[int, int]], windows: dict[str, int], dtype: torch.dtype) -> None:
+    """Print what the stores will take (rows x width x bytes) and stop, before any work, if the disk cannot hold it.
+
+    `stores` maps a store to (rows, width), `windows` a dataset to its token positions
+    (its windows file: 9 bytes each, plus a copy per store where hard links fail).
+    What is already in a store (an interrupted harvest resumes) counts as written.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name, (rows, width) in stores.items():
+        size = rows * (width * itemsize + 12)  # + window int64, position int32 per row
+        total += size
+        print(f"harvest: {name}: {rows:,} rows x {width} x {itemsize} bytes ({str(dtype).removeprefix('torch.')}) = {_gb(size)}")
+    total += sum(positions * 9 for positions in windows.values()) * 2
+    present = sum(f.stat().st_size for name in stores for f in (run_dir / "activations" / name).rglob("*") if f.is_file())
+    free = shutil.disk_usage(next(p for p in (run_dir, *run_dir.parents) if p.exists())).free
+    if total - present > free:
+        raise StagediffError(f"the harvest needs about {_gb(total - present)} under {run_dir} (stores and token windows) but the disk "
+                             f"has {_gb(free)} free: free space, put the run on a bigger disk (--out), store bfloat16 "
+                             "(harvest.dtype=bfloat16 halves float32), or lower stages.*.tokens")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def stage_fingerprint(run: Run, stage: Stage) -> str:
