@@ -198,6 +198,7 @@ def step_train(run: Run) -> None:
     from stagediff.train import finished, train_sae
 
     cfg = run.cfg
+    apply_expansion_factor(run)
     trackers = Trackers(cfg.log, run.dir, to_dict(cfg)) if distributed.is_main() else None  # wandb / tensorboard
     for stage in resolve_stages(cfg):
         fp = stage_fingerprint(run, stage)
@@ -318,6 +319,14 @@ def store_budgets(cfg: Config) -> dict[tuple[str, str], int]:
             if (m, "finetune") in budgets:
                 budgets[(m, "finetune")] = max(budgets[(m, "finetune")], cfg.crosscoder.tokens)
     return dict(budgets)
+
+
+def apply_expansion_factor(run: Run) -> None:
+    """sae.expansion_factor (SAELens's sizing) sets sae.d_sae once the model's width is known from a store."""
+    factor = run.cfg.sae.expansion_factor
+    manifests = sorted((run.dir / "activations").glob("*/manifest.json"))
+    if factor and manifests:
+        run.cfg.sae.d_sae = factor * int(read_json(manifests[0])["d_in"])
 
 
 def check_disk(run_dir: Path, stores: dict[str, tuple[int, int]], windows: dict[str, int], dtype: torch.dtype) -> None:

@@ -73,3 +73,15 @@ def test_chat_messages_without_chat_template_stop_before_the_harvest(cfg_of, tmp
     with pytest.raises(StagediffError, match="set chat_template: true"):
         step_harvest(Run(cfg, tmp_path / "run"))
     assert not list((tmp_path / "run").glob("activations/*/shard_*"))
+
+
+def test_expansion_factor_sizes_the_dictionary_from_the_model_width(cfg_of, tmp_path):
+    from stagediff.pipeline import apply_expansion_factor
+
+    run = Run(cfg_of("expansion_factor=3"), tmp_path / "run")  # SAELens's name, read as sae.expansion_factor
+    apply_expansion_factor(run)
+    assert run.cfg.sae.d_sae == 4096  # width unknown before a harvest: unchanged
+    (run.dir / "activations" / "base__base").mkdir(parents=True)
+    (run.dir / "activations" / "base__base" / "manifest.json").write_text(json.dumps({"d_in": 64}))
+    apply_expansion_factor(run)
+    assert run.cfg.sae.d_sae == 192
