@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?", help="a YAML config or a run directory (default: the defaults alone)")
     c.add_argument("overrides", nargs="*", metavar="key=value")
 
+    u = sub.add_parser("push", help="upload a run's dictionaries to the Hugging Face hub in SAELens layout, with a model card")
+    u.add_argument("run_dir", help="a run directory with trained dictionaries")
+    u.add_argument("repo_id", help="owner/name of a hub model repository (created if missing)")
+    u.add_argument("--dry-run", metavar="DIR", help="lay the repository out in DIR and upload nothing")
+    u.add_argument("--private", action="store_true", help="create the repository private")
+
     for step, text in STEP_HELP.items():
         s = sub.add_parser(step, help=text)
         s.add_argument("run_dir", help="a run directory made by `stagediff run` or `stagediff demo`")
@@ -97,6 +103,10 @@ def _dispatch(args: argparse.Namespace) -> None:
         if source and Path(source).is_dir():
             source = Path(source) / "config.yaml"
         print(describe_config(load_config(source, args.overrides)), end="")
+    elif args.command == "push":
+        from stagediff.hub import push_run
+
+        push_run(args.run_dir, args.repo_id, dry_run=args.dry_run, private=args.private)
     elif args.command == "demo":
         from stagediff.demo import run_demo
 

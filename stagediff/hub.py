@@ -146,3 +146,93 @@ def read_hook(folder: Path) -> str | None:
     """The hook an SAELens folder was trained on (metadata.hook_name in sae_lens >= 6, hook_name before)."""
     raw = json.loads((folder / CFG).read_text())
     return (raw.get("metadata") or {}).get("hook_name") or raw.get("hook_name")
+
+
+# ---------------------------------------------------------------- out: a run's dictionaries on the hub
+
+
+def hub_id_of(path: str) -> str:
+    """The hub id of a model or dataset path when it came from the hub (an id, or a folder of the HF cache); else the path."""
+    parts = Path(path).parts
+    for part in parts:  # .../models--owner--name/snapshots/<commit>: a download in the HF cache
+        if part.startswith(("models--", "datasets--")) and part.count("--") >= 2:
+            return "/".join(part.split("--")[1:])
+    return path
+
+
+def push_run(run_dir: str | Path, repo_id: str, dry_run: str | Path | None = None, private: bool = False) -> Path:
+    """Upload a run's dictionaries to hub repository `repo_id`, one SAELens folder per stage plus a model card.
+
+    Each stage's folder is `<stage>/` (cfg.json, sae_weights.safetensors,
+    sparsity.safetensors), so `sae_lens.SAE.from_pretrained(repo_id, stage)` and
+    `hf://repo_id/stage` load it. With `dry_run` the repository is laid out in that
+    folder and nothing is uploaded. Returns the laid-out folder.
+    """
+    import shutil
+    import tempfile
+
+    from stagediff.stages import NOISE_STAGE
+
+    run_dir = Path(run_dir)
+    if not re_fullmatch_repo(repo_id):
+        raise StagediffError(f"{repo_id!r} is not a hub repository id: use owner/name")
+    stages = sorted(p.parent for p in (run_dir / "saes").glob(f"*/{CFG}") if p.parent.name != NOISE_STAGE)
+    if not stages:
+        raise StagediffError(f"{run_dir} holds no trained dictionaries (saes/*/cfg.json): run `stagediff train {run_dir}` first")
+    out = Path(dry_run) if dry_run else Path(tempfile.mkdtemp(prefix="stagediff-push-"))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for folder in stages:
+        dst = out / folder.name
+        dst.mkdir(exist_ok=True)
+        for name in (CFG, WEIGHTS, "sparsity.safetensors"):
+            if (folder / name).exists():
+                shutil.copyfile(folder / name, dst / name)
+        cfg = json.loads((folder / CFG).read_text())
+        meta = cfg.get("metadata") or {}
+        rows.append((folder.name, meta, cfg))
+    (out / "README.md").write_text(model_card(repo_id, rows, run_dir))
+    if dry_run:
+        print(f"push: dry run, {len(rows)} dictionaries and README.md laid out in {out} (nothing uploaded)")
+        return out
+    from huggingface_hub import HfApi
+
+    if offline():
+        raise StagediffError("HF_HUB_OFFLINE=1 is set: unset it to upload, or use --dry-run DIR to lay the repository out locally")
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(out), commit_message=f"stagediff: dictionaries of {run_dir.name}")
+    except Exception as e:
+        raise StagediffError(f"upload to {repo_id} failed ({type(e).__name__}: {str(e)[:200]}): "
+                             "log in with `huggingface-cli login` (a write token) and check the repository name") from None
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"push: {len(rows)} dictionaries -> https://huggingface.co/{repo_id}")
+    return out
+
+
+def re_fullmatch_repo(repo_id: str) -> bool:
+    import re
+
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) is not None
+
+
+def model_card(repo_id: str, rows: list[tuple[str, dict, dict]], run_dir: Path) -> str:
+    """The README.md of a pushed run: what each dictionary is, and how to load it."""
+    first = rows[0][1]
+    lines = ["---", "library_name: saelens", "tags: [sparse-autoencoder, model-diffing, stagediff]", "---", "",
+             f"# Stage-wise model diffing dictionaries ({run_dir.name})", "",
+             "Sparse autoencoders trained with [stagediff](https://pypi.org/project/stagediff/): `S` on the base model, then "
+             "fine-tuned copies on the fine-tuning data (`D`), on the fine-tuned model (`M`), and on both (`F_via_D`, "
+             "`F_via_M`). Features whose decoder direction rotates on both routes to F are the candidates for what "
+             "fine-tuning changed.", "",
+             f"Hook: `{first.get('hook_name')}`, context size {first.get('context_size')}.", "",
+             "| sae_id | model | data | parent | architecture | d_in | d_sae |", "|---|---|---|---|---|---|---|"]
+    for name, meta, cfg in rows:
+        lines.append(f"| `{name}` | {meta.get('model_name')} | {meta.get('dataset_path')} | {meta.get('parent_stage') or '-'} "
+                     f"| {cfg.get('architecture')} | {cfg.get('d_in')} | {cfg.get('d_sae')} |")
+    lines += ["", "Load one with SAELens or stagediff:", "", "```python", "from sae_lens import SAE", "",
+              f'sae = SAE.from_pretrained("{repo_id}", "{rows[0][0]}")', "```", "",
+              f"or, in a stagediff config, `stages: {{S: {{from_pretrained: hf://{repo_id}/{rows[0][0]}}}}}`.", ""]
+    return "\n".join(lines)

@@ -364,12 +364,15 @@ def stage_fingerprint(run: Run, stage: Stage) -> str:
 
 def sae_metadata(cfg: Config, stage: Stage, fp: str) -> dict:
     """SAELens metadata of a stage's dictionary."""
+    from stagediff.hub import hub_id_of
+
     return {
-        "model_name": cfg.model_paths()[stage.model],
+        "model_name": hub_id_of(cfg.model_paths()[stage.model]),  # a hub id where the model came from the hub
+        "model_class_name": "AutoModelForCausalLM",  # a transformers model; hook_name counts blocks as TransformerLens does
         "hook_name": cfg.hook,
         "context_size": cfg.context_size,
         "prepend_bos": cfg.prepend_bos,
-        "dataset_path": cfg.data_configs()[stage.data].path,
+        "dataset_path": hub_id_of(cfg.data_configs()[stage.data].path),
         "stagediff_fingerprint": fp,
         "noise_control": stage.name == NOISE_STAGE,
     }

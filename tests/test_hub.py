@@ -128,3 +128,53 @@ def test_bad_pretrained_specs_fail_before_any_harvest(tmp_path, monkeypatch):
         cfg = load_config(None, [override])  # no models, no data: the check comes before they are needed
         with pytest.raises(StagediffError, match=message):
             step_harvest(Run(cfg, tmp_path / "run"))
+
+
+def test_push_lays_out_saelens_folders_and_a_card_that_load_back(tmp_path, monkeypatch, capsys):
+    """`stagediff push --dry-run`: the repository as it would be uploaded; placed in a local HF cache,
+    each stage loads back through hf://owner/repo/stage with its weights and hook."""
+    import huggingface_hub.constants
+
+    from stagediff.cli import main
+    from stagediff.pipeline import load_pretrained
+    from stagediff.stages import NOISE_STAGE
+
+    run = tmp_path / "run"
+    saved = {}
+    for i, stage in enumerate(["S", "D", "M", "F_via_D", "F_via_M", NOISE_STAGE]):
+        torch.manual_seed(i)
+        saved[stage] = SAE(16, SAEConfig(architecture="topk", d_sae=32, k=4))
+        saved[stage].save(run / "saes" / stage, {"hook_name": HOOK, "stage": stage, "parent_stage": None if stage == "S" else "S",
+                                                  "model_name": str(tmp_path / "hf" / "models--me--base" / "snapshots" / "abc"),
+                                                  "model_class_name": "AutoModelForCausalLM"})
+    cache = tmp_path / "hf"
+    repo = cache / "models--me--diffs"
+    out = repo / "snapshots" / ("ab" * 20)
+    assert main(["push", str(run), "me/diffs", "--dry-run", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["D", "F_via_D", "F_via_M", "M", "README.md", "S"]  # no noise control
+    card = (out / "README.md").read_text()
+    assert "library_name: saelens" in card and 'SAE.from_pretrained("me/diffs", "D")' in card and "| `F_via_M` |" in card
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(out.name)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub._resolve.cache_clear()
+    for stage in ("S", "F_via_M"):
+        _, spec = _stage([f"stages.S.from_pretrained=hf://me/diffs/{stage}"])
+        sae, source = load_pretrained(spec, 16, HOOK)
+        assert torch.equal(sae.W_enc, saved[stage].W_enc) and source["path"] == stage
+    with pytest.raises(StagediffError, match="HF_HUB_OFFLINE=1 is set: unset it to upload"):
+        hub.push_run(run, "me/diffs")
+    assert main(["push", str(run), "not-a-repo-id"]) == 2 and "owner/name" in capsys.readouterr().err
+
+
+def test_hub_ids_in_metadata():
+    assert hub.hub_id_of("/root/.cache/huggingface/hub/models--HuggingFaceTB--SmolLM2-135M/snapshots/abc") == "HuggingFaceTB/SmolLM2-135M"
+    assert hub.hub_id_of("/data/hub/datasets--HuggingFaceFW--fineweb/snapshots/x/sample") == "HuggingFaceFW/fineweb"
+    assert hub.hub_id_of("google/gemma-2-2b") == "google/gemma-2-2b" and hub.hub_id_of("/my/model") == "/my/model"
+    from stagediff.pipeline import sae_metadata
+
+    cfg, stage = _stage(["base_model=/c/hub/models--google--gemma-2-2b/snapshots/1", "base_data.path=HuggingFaceFW/fineweb"])
+    meta = sae_metadata(cfg, stage, "fp")
+    assert meta["model_name"] == "google/gemma-2-2b" and meta["dataset_path"] == "HuggingFaceFW/fineweb"
+    assert meta["model_class_name"] == "AutoModelForCausalLM"
