@@ -323,7 +323,8 @@ def _apply_aliases(raw: dict) -> None:
     """Move every alias key of a loaded YAML mapping to its stagediff path, in place."""
     paths = [a.split(".") for a in ALIASES]
     paths += [[s, "text_column"] for s in _DATA_SECTIONS]
-    paths += [["datasets", k, "text_column"] for k in (raw.get("datasets") or {}) if isinstance(raw.get("datasets"), dict)]
+    if isinstance(raw.get("datasets"), dict):
+        paths += [["datasets", k, "text_column"] for k in raw["datasets"]]
     for path in paths:
         node = raw
         for part in path[:-1]:

@@ -18,6 +18,9 @@ import difflib
 import functools
 import json
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -168,13 +171,10 @@ def push_run(run_dir: str | Path, repo_id: str, dry_run: str | Path | None = Non
     `hf://repo_id/stage` load it. With `dry_run` the repository is laid out in that
     folder and nothing is uploaded. Returns the laid-out folder.
     """
-    import shutil
-    import tempfile
-
     from stagediff.stages import NOISE_STAGE
 
     run_dir = Path(run_dir)
-    if not re_fullmatch_repo(repo_id):
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise StagediffError(f"{repo_id!r} is not a hub repository id: use owner/name")
     stages = sorted(p.parent for p in (run_dir / "saes").glob(f"*/{CFG}") if p.parent.name != NOISE_STAGE)
     if not stages:
@@ -210,12 +210,6 @@ def push_run(run_dir: str | Path, repo_id: str, dry_run: str | Path | None = Non
         shutil.rmtree(out, ignore_errors=True)
     print(f"push: {len(rows)} dictionaries -> https://huggingface.co/{repo_id}")
     return out
-
-
-def re_fullmatch_repo(repo_id: str) -> bool:
-    import re
-
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id) is not None
 
 
 def model_card(repo_id: str, rows: list[tuple[str, dict, dict]], run_dir: Path) -> str:
