@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +288,8 @@ def _read_hf(cfg: DataConfig) -> Iterator:
         import datasets
     except ImportError:
         raise StagediffError("reading Hugging Face datasets needs the datasets package: pip install 'stagediff[data]'") from None
+    if not sys.stderr.isatty():  # its per-file bars would fill a log (ours print one line every few seconds)
+        datasets.disable_progress_bars()
     path = Path(cfg.path).expanduser()
     saved = path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
     what = f"dataset {cfg.path}" + (f" ({cfg.name})" if cfg.name else "") + f" split {cfg.split!r}"
