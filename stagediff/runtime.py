@@ -65,8 +65,23 @@ def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc
     quiet = os.environ.get("STAGEDIFF_QUIET") == "1"
     if quiet or sys.stderr.isatty():
         return tqdm(iterable, total=total, desc=desc, unit=unit, disable=quiet, dynamic_ncols=True, leave=False)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=_LineWriter(sys.stderr), ncols=100,
-                mininterval=LOG_EVERY_SECONDS, maxinterval=LOG_EVERY_SECONDS * 6, delay=LOG_EVERY_SECONDS, leave=True)
+    return _log_bar()(iterable, total=total, desc=desc, unit=unit, file=_LineWriter(sys.stderr), ncols=100,
+                      mininterval=LOG_EVERY_SECONDS, maxinterval=LOG_EVERY_SECONDS * 6, delay=LOG_EVERY_SECONDS, leave=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _log_bar() -> type:
+    """tqdm whose set_postfix / set_description show at the next timed line instead of printing one at once."""
+    from tqdm.auto import tqdm
+
+    class LogBar(tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+        def set_description(self, desc=None, refresh=True):
+            super().set_description(desc, refresh=False)
+
+    return LogBar
 
 
 class _LineWriter:
