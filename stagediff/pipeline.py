@@ -341,7 +341,7 @@ def check_disk(run_dir: Path, stores: dict[str, tuple[int, int]], windows: dict[
     for name, (rows, width) in stores.items():
         size = rows * (width * itemsize + 12)  # + window int64, position int32 per row
         total += size
-        print(f"harvest: {name}: {rows:,} rows x {width} x {itemsize} bytes ({str(dtype).removeprefix('torch.')}) = {_gb(size)}")
+        print(f"harvest: {name}: up to {rows:,} rows x {width} x {itemsize} bytes ({str(dtype).removeprefix('torch.')}) = {_gb(size)}")
     total += sum(positions * 9 for positions in windows.values()) * 2
     present = sum(f.stat().st_size for name in stores for f in (run_dir / "activations" / name).rglob("*") if f.is_file())
     free = shutil.disk_usage(next(p for p in (run_dir, *run_dir.parents) if p.exists())).free
