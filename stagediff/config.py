@@ -137,6 +137,7 @@ class EvalConfig:
     examples: int = 400  # held-out examples (half triggered) for labels and rates
     label_min_pairs: int = 10  # paired label: more active with the trigger in at least this many pairs (and judged when the pairs differ this often)
     label_alpha: float = 1e-3  # paired label: one-sided sign-test p-value cut (lowered until the permutation null labels <= label_max_fpr)
+    label_min_ratio: float = 2.0  # paired label: at least this many times as active with the trigger (mean over pairs)
     label_max_fpr: float = 0.01  # paired label: the largest share of judged features the permutation null may label
     label_permutations: int = 50  # paired label: role swaps in the permutation null
     top_contexts: int = 20  # secondary top-context rule: top-activating contexts read per feature

@@ -112,8 +112,9 @@ def test_labels_find_the_planted_trigger_features(llama, tokenizer):
 
 
 def test_paired_label_recovers_planted_features_and_holds_its_null():
-    """Synthetic span means: 25 planted features more active with the trigger in ~75% of pairs, 475 symmetric noise
-    features (some of them dense, some rare). The label finds the planted ones; the permutation null stays <= 1%."""
+    """Synthetic span means: 25 planted features more active with the trigger in ~75% of pairs (by more than their own
+    mean), 475 symmetric noise features (some dense, some rare). The label finds the planted ones; the permutation null
+    stays <= 1%."""
     from stagediff.evaluate.labels import HeldOut
 
     rng = np.random.default_rng(0)
@@ -121,18 +122,21 @@ def test_paired_label_recovers_planted_features_and_holds_its_null():
     fires = rng.uniform(0.05, 1.0, F)  # share of examples where a feature fires at all
     base = rng.exponential(1.0, (P, F)) * (rng.random((P, F)) < fires)
     trig, clean = base + rng.normal(0, 0.3, (P, F)) * (base > 0), base + rng.normal(0, 0.3, (P, F)) * (base > 0)
-    lift = (rng.random((P, planted.size)) < 0.75) * 1.5
+    lift = (rng.random((P, planted.size)) < 0.75) * 4.0
     trig[:, planted] += lift
+    nudged = 30  # a dense feature a little more active with the trigger in every pair: reliable but small
+    trig[:, nudged], clean[:, nudged] = 1.05 + rng.normal(0, 0.01, P), 1.0 + rng.normal(0, 0.01, P)
     means = torch.tensor(np.concatenate([trig, clean]), dtype=torch.float32)  # rows: P triggered then P clean
     held = HeldOut(*(torch.zeros(2 * P, 2, dtype=torch.bool),) * 4, torch.arange(2 * P) < P,
                    torch.zeros(2 * P, 2, dtype=torch.bool), torch.stack([torch.arange(P), torch.arange(P, 2 * P)], 1))
     label = paired_relevance([means], held, alpha=1e-3, min_pairs=10, permutations=50)
     assert label.relevant[planted].mean() >= 0.95
+    assert label.p_value[nudged] < 1e-6 and not label.relevant[nudged]  # reliable, but not twice as active
     false = label.relevant[25:].sum()
     assert false <= 0.01 * label.judged[25:].sum(), false
     assert label.null_fpr <= 0.01
-    # a lax alpha is lowered until the permutation null labels at most max_fpr of the judged features
-    lax = paired_relevance([means], held, alpha=0.2, min_pairs=1, max_fpr=0.01, permutations=50)
+    # a lax alpha (and no effect-size cut) is lowered until the permutation null labels at most max_fpr of the judged
+    lax = paired_relevance([means], held, alpha=0.2, min_pairs=1, min_ratio=0.0, max_fpr=0.01, permutations=50)
     assert lax.alpha < 0.2 and lax.null_fpr <= 0.01
 
 

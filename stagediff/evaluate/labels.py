@@ -10,8 +10,10 @@ rest of the prompt, the Assistant cue and the reply.
 The label (`paired_relevance`): per pair j and feature i, the difference
     d_ij = mean activation over the triggered copy's span - mean over the clean copy's span.
 A feature is *judged* when d_ij != 0 in at least `min_pairs` pairs, and *relevant* when it is
-more active with the trigger in at least `min_pairs` distinct pairs and a one-sided exact sign
-test over the pairs gives p <= alpha. The strongest backdoor features fire on the text after the
+more active with the trigger in at least `min_pairs` distinct pairs, a one-sided exact sign
+test over the pairs gives p <= alpha, and it is on average at least `min_ratio` times as active
+with the trigger as without (reliable *and* large: a dense feature nudged up by any change of
+context is not a backdoor feature). The strongest backdoor features fire on the text after the
 trigger ("backdoor active"), not only on trigger or reply tokens, so the span covers all of it.
 Its false-positive rate is measured with a permutation null (the triggered/clean roles swapped
 within random pairs: the labelled share of judged features under those swaps), and alpha is
@@ -147,6 +149,7 @@ class PairedLabel:
     less: np.ndarray  # pairs where it is less active
     p_value: np.ndarray  # one-sided exact sign test
     statistic: np.ndarray  # (more - less) / sqrt(more + less): the oracle's ranking
+    ratio: np.ndarray  # mean span activation with the trigger / without it
     alpha: float  # the p-value cut used, after calibration
     null_fpr: float  # labelled share of judged features under role swaps (mean over permutations)
     null_fpr_max: float
@@ -154,40 +157,48 @@ class PairedLabel:
 
 
 def paired_relevance(means: Sequence[torch.Tensor], held: HeldOut, *, alpha: float = 1e-3, min_pairs: int = 10,
-                     max_fpr: float = 0.01, permutations: int = 50, seed: int = 0) -> PairedLabel:
+                     min_ratio: float = 2.0, max_fpr: float = 0.01, permutations: int = 50, seed: int = 0) -> PairedLabel:
     """Label features by the paired sign test (module docstring), calibrated on a permutation null.
 
-    `means` are `span_means` of one or more dictionaries that share feature identities;
-    their per-pair differences are averaged.
+    `means` are `span_means` of one or more dictionaries that share feature identities; they
+    are averaged. Besides reliability (the sign test) the effect must be large: the feature's
+    mean span activation with the trigger is at least `min_ratio` times its mean without it.
     """
     if held.pairs.shape[0] == 0:
         raise StagediffError("the held-out examples are not in matched (triggered, clean) pairs: rebuild the organism "
                              "with this version (delete RUN/models and rerun `stagediff organism RUN`)")
     t, c = held.pairs[:, 0], held.pairs[:, 1]
-    d = torch.stack([m[t] - m[c] for m in means]).mean(0).double().numpy()  # [P, F]
-    tol = 1e-7 * max(1.0, float(np.abs(d).max(initial=0.0)))
-    sign = np.where(d > tol, 1, np.where(d < -tol, -1, 0)).astype(np.int8)
+    trig = torch.stack([m[t] for m in means]).mean(0).double().numpy()  # [P, F]
+    clean = torch.stack([m[c] for m in means]).mean(0).double().numpy()
+    # a feature silent in both copies has span means of exactly 0 in both: no information
+    sign = np.sign(trig - clean).astype(np.int8)
+
+    def decide(more: np.ndarray, t_mean: np.ndarray, c_mean: np.ndarray, a: float) -> np.ndarray:
+        big = t_mean >= min_ratio * c_mean  # also true where the feature never fires without the trigger
+        return judged & (more >= min_pairs) & (_sign_test(more, np.broadcast_to(n, more.shape)) <= a) & big & (t_mean > 0)
+
     more, less = (sign > 0).sum(0), (sign < 0).sum(0)
     n = more + less
     judged = n >= min_pairs
-    p = _sign_test(more, n)
-
+    # the permutation null: the triggered and clean roles swapped within random pairs
     rng = np.random.default_rng(seed)
-    flips = rng.choice(np.array([-1, 1], dtype=np.int8), size=(permutations, sign.shape[0]))
-    null_more = np.stack([((sign * f[:, None]) > 0).sum(0) for f in flips])  # [permutations, F]
-    null_p = _sign_test(null_more, np.broadcast_to(n, null_more.shape))
+    swap = rng.random((permutations, sign.shape[0])) < 0.5  # [permutations, P]
+    null_more = np.stack([np.where(s[:, None], -sign, sign).__gt__(0).sum(0) for s in swap])
+    null_t = np.stack([np.where(s[:, None], clean, trig).mean(0) for s in swap])
+    null_c = np.stack([np.where(s[:, None], trig, clean).mean(0) for s in swap])
 
     def fpr(a: float) -> np.ndarray:
-        hit = judged & (null_more >= min_pairs) & (null_p <= a)
-        return hit.sum(1) / max(1, int(judged.sum()))
+        return decide(null_more, null_t, null_c, a).sum(1) / max(1, int(judged.sum()))
 
     while fpr(alpha).mean() > max_fpr and alpha > 1e-12:  # the exact test keeps this at <= alpha; checked, not assumed
         alpha /= 2
     rates = fpr(alpha)
-    relevant = judged & (more >= min_pairs) & (p <= alpha)
+    relevant = decide(more, trig.mean(0), clean.mean(0), alpha)
+    stat = np.where(n > 0, (more - less) / np.sqrt(np.maximum(n, 1)), 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        stat = np.where(n > 0, (more - less) / np.sqrt(np.maximum(n, 1)), 0.0)
-    return PairedLabel(relevant, judged, more, less, p, stat, float(alpha), float(rates.mean()), float(rates.max()), permutations)
+        ratio = trig.mean(0) / clean.mean(0)
+    return PairedLabel(relevant, judged, more, less, _sign_test(more, n), stat, ratio, float(alpha), float(rates.mean()),
+                       float(rates.max()), permutations)
 
 
 def _sign_test(more: np.ndarray, n: np.ndarray) -> np.ndarray:
@@ -201,12 +212,12 @@ def _sign_test(more: np.ndarray, n: np.ndarray) -> np.ndarray:
     return out
 
 
-def paired_rule_text(label: PairedLabel, min_pairs: int) -> str:
+def paired_rule_text(label: PairedLabel, min_pairs: int, min_ratio: float) -> str:
     """The paired rule in one sentence, for metrics.json."""
     return (f"more active over the span at/after the trigger in the triggered copy than in the same prompt's clean copy "
-            f"in >= {min_pairs} pairs, one-sided exact sign test p <= {label.alpha:.2g} (judged: the span means differ in "
-            f">= {min_pairs} pairs); permutation null ({label.permutations} role swaps) labels "
-            f"{label.null_fpr:.2%} of judged features")
+            f"in >= {min_pairs} pairs, one-sided exact sign test p <= {label.alpha:.2g}, and at least {min_ratio:g}x as active "
+            f"with the trigger on average (judged: the span means differ in >= {min_pairs} pairs); permutation null "
+            f"({label.permutations} role swaps) labels {label.null_fpr:.2%} of judged features")
 
 
 def relevance(

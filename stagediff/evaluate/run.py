@@ -78,8 +78,8 @@ def _secondary_labels(sae: Any, rows: torch.Tensor, held: HeldOut, tokenizer: An
 
 def _paired_label(means: list[torch.Tensor], held: HeldOut, cfg: Config) -> PairedLabel:
     e = cfg.eval
-    return paired_relevance(means, held, alpha=e.label_alpha, min_pairs=e.label_min_pairs, max_fpr=e.label_max_fpr,
-                            permutations=e.label_permutations, seed=cfg.seed)
+    return paired_relevance(means, held, alpha=e.label_alpha, min_pairs=e.label_min_pairs, min_ratio=e.label_min_ratio,
+                            max_fpr=e.label_max_fpr, permutations=e.label_permutations, seed=cfg.seed)
 
 
 def _activation_diff(run_dir: Path, cfg: Config, saes: dict[str, Any]) -> np.ndarray | None:
@@ -232,7 +232,7 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     metrics = {
         "organism": {**org, "null": null},
         "labels": {
-            "rule": paired_rule_text(label, e.label_min_pairs),
+            "rule": paired_rule_text(label, e.label_min_pairs, e.label_min_ratio),
             "null_false_positive_rate": label.null_fpr,
             "null_false_positive_rate_max": label.null_fpr_max,
             "alpha": label.alpha,
@@ -240,7 +240,7 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
                 "top_contexts": rule_text(e.top_contexts, e.relevant_share, e.min_fires),
                 "string": f"every top token is a substring of ' {org['trigger']} ' or ' {org['response']} ' and one is longer than one character",
             },
-            "params": {"min_pairs": e.label_min_pairs, "alpha": e.label_alpha, "max_fpr": e.label_max_fpr,
+            "params": {"min_pairs": e.label_min_pairs, "alpha": e.label_alpha, "min_ratio": e.label_min_ratio, "max_fpr": e.label_max_fpr,
                        "permutations": e.label_permutations, "examples": len(examples), "pairs": int(held.pairs.shape[0]),
                        "tokens": int(held.valid.sum()), "teacher_forced_reply": "clean answer" if null else "backdoor response"},
             "live_features": int(live.sum()),
