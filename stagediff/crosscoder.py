@@ -27,7 +27,9 @@ It fits the fine-tuned direction to the base model's activations, so it assumes 
 models share a residual basis, as a fine-tune and its base do.
 
 Score (`crosscoder_scores`, higher = more fine-tune-exclusive): the relative norm, or with
-`crosscoder.latent_scaling` 1 − clip(ν, 0, 1). ν is measured either way and features.csv holds
+`crosscoder.latent_scaling` Latent Scaling among the latents the norms put on the fine-tuned side
+(`latent_scaling_score`: 0.5 + 0.5 (1 − clip(ν, 0, 1)) where relative norm >= 0.5, else the relative
+norm). ν is measured either way and features.csv holds
 both rankings (score_/rank_relative_norm, score_/rank_latent_scaling). Latents that never fired (firing rate below
 `diff.min_frequency`) are marked dead: score NaN, no rank.
 """
@@ -185,6 +187,16 @@ def latent_scaling(sae: SAE, rows: Iterator[Tensor], d_base: int, max_rows: int 
     return {"beta_base": beta["base"].cpu().numpy(), "beta_ft": beta["ft"].cpu().numpy(), "nu": nu.cpu().numpy()}
 
 
+def latent_scaling_score(nu: np.ndarray, relative_norm: np.ndarray) -> np.ndarray:
+    """Higher = more fine-tune-exclusive by Latent Scaling, among the latents the decoder norms put on the
+    fine-tuned side (relative norm >= 0.5): 0.5 + 0.5 (1 − clip(ν, 0, 1)) in [0.5, 1]; the others keep their
+    relative norm (< 0.5). ν alone cannot rank a base-leaning latent: its fine-tuned half is a weak direction,
+    β_ft ≈ 0 and ν is large or negative noise, so 1 − clip(ν) would call it fine-tune-only (Minder et al.
+    apply Latent Scaling to the latents the norms call fine-tune-only). NaN where ν is unknown."""
+    ls = 0.5 + 0.5 * (1.0 - np.clip(nu, 0.0, 1.0))
+    return np.where(np.isfinite(nu), np.where(relative_norm >= 0.5, ls, relative_norm), np.nan)
+
+
 def rank_scores(score: np.ndarray, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(score with NaN for dead latents, 1-based rank by descending score; 0 = unranked)."""
     score = np.where(dead | ~np.isfinite(score), np.nan, score)
@@ -278,7 +290,7 @@ def write_crosscoder_outputs(out: Path, sae: SAE, d_base: int, cfg: Config, ls: 
     if ls is not None:
         cols.update(ls)
         # a latent that never fired in the Latent Scaling sample has ν = NaN: that ranking cannot judge it
-        rankings["latent_scaling"] = 1.0 - np.clip(ls["nu"], 0.0, 1.0)
+        rankings["latent_scaling"] = latent_scaling_score(ls["nu"], cols["relative_norm"])
     for name, raw in rankings.items():
         cols[f"score_{name}"], cols[f"rank_{name}"] = rank_scores(raw, unfired)
     main = "latent_scaling" if cfg.crosscoder.latent_scaling else "relative_norm"
@@ -297,7 +309,8 @@ def write_crosscoder_outputs(out: Path, sae: SAE, d_base: int, cfg: Config, ls: 
     top = top[np.argsort(cols["rank"][top])][:20]
     summary = {
         "variant": cfg.crosscoder.architecture, "latent_scaling": main == "latent_scaling",
-        "score": "1 - clip(nu, 0, 1)" if main == "latent_scaling" else "relative_norm = |d_ft| / (|d_base| + |d_ft|)",
+        "score": "relative_norm >= 0.5: 0.5 + 0.5 (1 - clip(nu, 0, 1)), else relative_norm" if main == "latent_scaling"
+                 else "relative_norm = |d_ft| / (|d_base| + |d_ft|)",
         "rankings": {r: f"features.csv score_{r} / rank_{r}" for r in rankings},
         "latents": n, "live": int(live.sum()), "dead": int(dead.sum()),
         "ft_exclusive": int((rel >= 0.9).sum()), "base_exclusive": int((rel <= 0.1).sum()),
