@@ -239,11 +239,24 @@ def run_meandiff(run_dir: Path, cfg: Config) -> dict:
 
 
 def step_meandiff(run: Any) -> None:
-    """Pipeline step (organism runs): ADL and the difference-of-means ablation, after harvest."""
+    """Pipeline step (organism runs): ADL and the difference-of-means ablation, after evaluate (which clears
+    RUN/eval/ when its own inputs change); skipped when nothing it reads has changed."""
+    from stagediff.config import to_dict
+    from stagediff.files import fingerprint, sha256_file
+    from stagediff.stages import paired_store_dirs
+
     cfg = run.cfg
-    if not cfg.eval.enabled or not (run.dir / "data" / "heldout.jsonl").exists():
+    heldout = run.dir / "data" / "heldout.jsonl"
+    if not cfg.eval.enabled or not heldout.exists():
         return
+    outputs = [run.dir / "eval" / "adl.json", run.dir / "eval" / "difference_of_means.json"]
+    fp = fingerprint([to_dict(cfg.baselines), to_dict(cfg.eval), cfg.hook, cfg.seed, sha256_file(heldout),
+                      [run.fingerprint_of(f"harvest/{p.name}") for p in paired_store_dirs(run.dir, "base")]])
+    if run.is_done("meandiff", fp) and all(p.exists() for p in outputs):
+        return
+    run.start("meandiff", fp, outputs)
     out = run_meandiff(run.dir, cfg)
+    run.finish("meandiff", fp)
     adl, dom = out["adl"], out["difference_of_means"]
     print(f"ADL: top tokens {[t['text'] for t in adl['top_tokens'][:10]]}; trigger pieces {adl['trigger_pieces']}, "
           f"response pieces {adl['response_pieces']}")

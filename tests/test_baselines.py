@@ -281,3 +281,24 @@ def test_steering_adds_the_scaled_unit_direction(tiny_llama_dir):
     with splice(model, "blocks.0.hook_resid_pre", add_fn(v)):
         steered = model(input_ids=ids).logits
     assert torch.allclose(steered, model(inputs_embeds=embed[ids] + v).logits, atol=1e-5)
+
+
+def test_step_diffsae_trains_once_and_retrains_when_its_inputs_change(tmp_path):
+    from stagediff.diffsae import step_diffsae
+    from stagediff.pipeline import Run
+
+    base, ft, *_ = _planted_difference(seed=1)
+    for data, sl in (("base", slice(0, 2048)), ("finetune", slice(2048, 4096))):
+        _write_store(tmp_path / "activations" / f"base__{data}", base[sl])
+        _write_store(tmp_path / "activations" / f"finetuned__{data}", ft[sl])
+    run = Run(_config(**{"baselines.diffsae_tokens": 256 * 20}), tmp_path)
+    for name in ("base__base", "finetuned__base", "base__finetune", "finetuned__finetune"):
+        run.finish(f"harvest/{name}", "fp-" + name)
+    step_diffsae(run)
+    features = tmp_path / "diffsae" / "features.csv"
+    first = features.stat().st_mtime_ns
+    step_diffsae(run)
+    assert features.stat().st_mtime_ns == first  # unchanged inputs: skipped
+    run.cfg = _config(**{"baselines.diffsae_tokens": 256 * 30})
+    step_diffsae(run)
+    assert json.loads((tmp_path / "diffsae" / "summary.json").read_text())["tokens"] == 256 * 30
