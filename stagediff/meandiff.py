@@ -14,8 +14,8 @@ starts a fresh context, so these are the positions the paper reads at a document
   hook at every position of clean held-out prompts -> the share that answer with the reply.
 
 Difference of means (the causal reference of issue 18): the fine-tuned model's mean residual over
-the span at/after the trigger (labels.py's span) of triggered held-out prompts minus the same span
-of their clean copies, projected out at the hook (resid -> resid − (resid·u) u) -> trigger success
+the prompt tokens at/after the trigger (labels.py's span, replies left out) of triggered held-out
+prompts minus the same span of their clean copies, projected out at the hook (resid -> resid − (resid·u) u) -> trigger success
 and clean-loss cost. It is fitted on held-out pairs the causal checks do not use and measured on
 the ones they use (the first `eval.causal_examples` triggered and clean prompts).
 """
@@ -173,7 +173,9 @@ def ablate_difference_of_means(model: Any, tokenizer: Any, hook: str, fit: list[
     from stagediff.models import splice
     from stagediff.organism.behaviour import clean_loss, evaluate_backdoor
 
-    held = heldout_windows(fit, tokenizer, context_size, prepend_bos)
+    # prompts only: the teacher-forced replies differ by construction (backdoor reply vs clean answer) and would
+    # swamp the mean difference with the replies' token content
+    held = heldout_windows([{**x, "text": x["prompt"]} for x in fit], tokenizer, context_size, prepend_bos)
     direction = difference_of_means(model, held, hook, batch_size)
     before = evaluate_backdoor(model, tokenizer, test, response)
     loss_before = clean_loss(model, tokenizer, test)
@@ -232,8 +234,8 @@ def run_meandiff(run_dir: Path, cfg: Config) -> dict:
     dom = ablate_difference_of_means(model, tokenizer, cfg.hook, fit, test, org["response"], cfg.context_size,
                                      cfg.prepend_bos, cfg.harvest.batch_size)
     dom.pop("direction")
-    dom["rule"] = ("mean fine-tuned residual over the span at/after the trigger, triggered minus clean copies of held-out "
-                   "pairs the causal checks do not use; projected out at the hook at every position")
+    dom["rule"] = ("mean fine-tuned residual over the prompt tokens at/after the trigger, triggered minus clean copies of "
+                   "held-out pairs the causal checks do not use; projected out at the hook at every position")
     write_json(run_dir / "eval" / "difference_of_means.json", dom)
     return {"adl": adl, "difference_of_means": dom}
 
