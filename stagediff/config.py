@@ -130,6 +130,21 @@ class CrosscoderConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """The field's strongest single-model-pair baselines (diffsae.py, meandiff.py)."""
+
+    diffsae: bool = True  # a BatchTopK SAE on the activation difference (fine-tuned - base)
+    diffsae_d_sae: int | None = None  # default: sae.d_sae
+    diffsae_k: int | None = None  # default: sae.k
+    diffsae_tokens: int | None = None  # default: the whole stage-wise pipeline's budget (as the crosscoder)
+    diffsae_lr: float | None = None  # default: sae.lr
+    adl_positions: int = 5  # Activation Difference Lens: the first positions of each window after BOS
+    adl_top_tokens: int = 20  # logit-lens tokens reported
+    adl_max_rows: int = 200_000  # paired rows read at those positions (per model)
+    adl_steer_strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])  # x the mean residual norm
+
+
+@dataclass
 class EvalConfig:
     """Ground-truth labels, method comparison and causal checks (organism runs)."""
 
@@ -207,6 +222,7 @@ class Config:
     diff: DiffConfig = field(default_factory=DiffConfig)
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     crosscoder: CrosscoderConfig = field(default_factory=CrosscoderConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     log: LogConfig = field(default_factory=LogConfig)
