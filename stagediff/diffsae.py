@@ -13,7 +13,7 @@ ranks its difference latents by their activation statistics; this is the one-num
 Latents firing below `diff.min_frequency` are dead (score NaN, rank 0).
 
 Labels: `difference_latents(sae, base_rows, ft_rows)` encodes paired held-out rows, so the paired
-sign-test label reads the diff-SAE like every other dictionary (`diffsae_method`).
+sign-test label reads the diff-SAE like every other dictionary (evaluate/run.py `_diffsae`).
 
 Causal splice (`diffsae_splice_fn`). Clamping latent j of the difference SAE means removing its
 part f_j(δ) d_j of the difference from the fine-tuned residual. During generation only the
@@ -168,23 +168,6 @@ def difference_latents(sae: SAE, base_rows: Tensor, ft_rows: Tensor) -> Tensor:
                              "read both models on the same held-out windows")
     p = next(sae.parameters())
     return sae.encode((ft_rows - base_rows).to(p.device, p.dtype))
-
-
-def diffsae_method(run_dir: Path, cfg: Config, base_rows: Tensor, ft_rows: Tensor, held: Any, k_match: int):
-    """(Method, PairedLabel) of the diff-SAE for evaluate/run.py: its latents labelled by the paired rule on
-    encode(ft − base) of the paired held-out rows, ranked by score, selecting as many as stage-wise selects."""
-    from stagediff.evaluate.labels import paired_relevance, span_means
-    from stagediff.evaluate.rankings import from_scores, top_k
-
-    sae = SAE.load(Path(run_dir) / "diffsae")
-    e = cfg.eval
-    label = paired_relevance([span_means(sae, ft_rows - base_rows, held)], held, alpha=e.label_alpha,
-                             min_pairs=e.label_min_pairs, max_fpr=e.label_max_fpr,
-                             permutations=e.label_permutations, seed=cfg.seed)
-    scores = np.asarray(diffsae_scores(run_dir), dtype=np.float64)
-    live = np.isfinite(scores)
-    sel = top_k(scores, live, k_match)
-    return from_scores("diffsae", scores, live, sel, f"top {k_match} (as many as stage-wise selects) by mean activation on the difference"), label
 
 
 def load_base_mean(run_dir: Path) -> Tensor:

@@ -35,7 +35,7 @@ from stagediff.files import fingerprint, read_json, remove_temp_files, sha256_fi
 from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
 from stagediff.stages import NOISE_STAGE, Stage, paired_store_dirs, resolve_stages, stage_dir, store_dir, store_name
 
-STEPS = ("organism", "harvest", "train", "diff", "crosscoder", "evaluate", "report")
+STEPS = ("organism", "harvest", "train", "diff", "crosscoder", "diffsae", "evaluate", "meandiff", "report")
 PARALLEL_STEPS = ("organism", "harvest", "train")  # every torchrun rank takes part; rank 0 alone does the rest
 
 
@@ -263,8 +263,8 @@ def step_evaluate(run: Run) -> None:
 
     # generation-heavy, so skipped when nothing it reads has changed
     upstream = [run.fingerprint_of(f"train/{s.name}") for s in resolve_stages(cfg)]
-    cross = run._record("crosscoder")
-    fp = fingerprint([to_dict(cfg.eval), to_dict(cfg.diff), upstream, read_json(cross) if cross.exists() else None,
+    baselines = [run._record(u) for u in ("crosscoder", "diffsae")]
+    fp = fingerprint([to_dict(cfg.eval), to_dict(cfg.diff), upstream, [read_json(b) if b.exists() else None for b in baselines],
                       sha256_file(run.dir / "data" / "heldout.jsonl")])
     if run.is_done("evaluate", fp) and (run.dir / "eval" / "metrics.json").exists():
         return
@@ -282,9 +282,22 @@ def step_report(run: Run) -> None:
     print(f"report: {path}")
 
 
+def step_diffsae(run: Run) -> None:
+    from stagediff.diffsae import step_diffsae as step
+
+    step(run)
+
+
+def step_meandiff(run: Run) -> None:
+    from stagediff.meandiff import step_meandiff as step
+
+    step(run)
+
+
 STEP_FUNCTIONS: dict[str, Callable[[Run], None]] = {
     "organism": step_organism, "harvest": step_harvest, "train": step_train, "diff": step_diff,
-    "crosscoder": step_crosscoder, "evaluate": step_evaluate, "report": step_report,
+    "crosscoder": step_crosscoder, "diffsae": step_diffsae, "evaluate": step_evaluate, "meandiff": step_meandiff,
+    "report": step_report,
 }
 
 

@@ -345,7 +345,7 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
     assert metrics["methods"]["oracle"]["ap"] == 1.0
     # crosscoder: the same paired rule on its own latents; selection = relative norm >= 0.9 = latent 0, relevant
     x = metrics["methods"]["crosscoder"]
-    assert x["selected"] == 1 and x["precision"] == 1.0 and x["live"] == 5 and lab["crosscoder"]["relevant"] == 2
+    assert x["selected"] == 1 and x["precision"] == 1.0 and x["live"] == 5 and lab["own_dictionaries"]["crosscoder"]["relevant"] == 2
     assert x["ap"] == pytest.approx((1 + 2 / 3) / 2)  # judged ranking 0 3 1 4 (ties by id), relevant {0, 1}
     c = metrics["causal"]
     # N = 9 exceeds the 5 live features: skipped; N = 2 clamps the top two against two others

@@ -127,6 +127,28 @@ def _crosscoder(run_dir: Path, cfg: Config, base_rows: torch.Tensor, ft_rows: to
     return from_scores("crosscoder", scores, live, sel, words), label
 
 
+def _base_rows(cfg: Config, held: HeldOut, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The base model's residual on the held-out windows (for the baselines that read both models)."""
+    from stagediff.models import load_model
+
+    base_model, _ = load_model(cfg.base_model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    return heldout_activations(base_model, held, cfg.hook, cfg.harvest.batch_size)
+
+
+def _diffsae(run_dir: Path, cfg: Config, base_rows: torch.Tensor, ft_rows: torch.Tensor, held: HeldOut,
+             k_match: int) -> tuple[Method, PairedLabel]:
+    """The diff-SAE's latents: labelled by the paired rule on its encoding of ft - base held-out rows, ranked by its score."""
+    from stagediff.diffsae import diffsae_scores
+    from stagediff.sae import SAE
+
+    sae = SAE.load(run_dir / "diffsae")
+    label = _paired_label([span_means(sae, ft_rows - base_rows, held)], held, cfg)
+    scores = np.asarray(diffsae_scores(run_dir), dtype=np.float64)
+    live = np.isfinite(scores)
+    return from_scores("diffsae", scores, live, top_k(scores, live, k_match),
+                       f"top {k_match} (as many as stage-wise selects) by firing rate x mean activation on the difference"), label
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "-"
@@ -200,30 +222,26 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
                                                  f"top {k_match} (as many as stage-wise selects) by mean-activation rise")
     methods["oracle"] = from_scores("oracle", np.where(label.judged, label.statistic, np.nan), live,
                                     np.flatnonzero(label.relevant & live), "the label itself: ranked by its sign-test statistic")
-    cc = None
+    base_rows, own_labels = None, {}  # own_labels: methods over their own dictionary's latents
     if cfg.crosscoder.enabled and (run_dir / "crosscoder" / "sae_weights.safetensors").exists():
-        base_model, _ = load_model(cfg.base_model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-        base_rows = heldout_activations(base_model, held, cfg.hook, cfg.harvest.batch_size)
-        del base_model
-        cc = _crosscoder(run_dir, cfg, base_rows, ft_rows, held, k_match)
-        methods["crosscoder"] = cc[0]
+        base_rows = _base_rows(cfg, held, device, dtype)
+        methods["crosscoder"], own_labels["crosscoder"] = _crosscoder(run_dir, cfg, base_rows, ft_rows, held, k_match)
+    if (run_dir / "diffsae" / "sae_weights.safetensors").exists():
+        if base_rows is None:
+            base_rows = _base_rows(cfg, held, device, dtype)
+        methods["diffsae"], own_labels["diffsae"] = _diffsae(run_dir, cfg, base_rows, ft_rows, held, k_match)
 
-    def score_all(relevant: np.ndarray, judged: np.ndarray | None, cc_label: Any) -> dict[str, dict]:
-        out = {}
-        for name, m in methods.items():
-            rel, jud = (cc_label.relevant, cc_label.judged) if name == "crosscoder" else (relevant, judged)
-            out[name] = {**method_metrics(m.ranking, m.selected, rel, m.live, judged=jud, scores=m.scores,
-                                          extra_k={"stagewise_k": k_match}, seed=cfg.seed),
-                         "selection": m.selection}
-        return out
-
-    scored = score_all(label.relevant, label.judged, cc[1] if cc else None)
+    scored = {}
+    for name, m in methods.items():
+        lab = own_labels.get(name, label)  # the crosscoder and the diff-SAE: their own latents, the same rule
+        scored[name] = {**method_metrics(m.ranking, m.selected, lab.relevant, m.live, judged=lab.judged, scores=m.scores,
+                                         extra_k={"stagewise_k": k_match}, seed=cfg.seed), "selection": m.selection}
     by_label = {}
     for key, rel in (("top_contexts", top_rule), ("string", string)):
         # secondary labels judge a feature when it fires min_fires times in either F dictionary (their own rule)
         jud = secondary["F_via_D"]["judged"] | secondary["F_via_M"]["judged"]
         by_label[key] = {n: {**method_metrics(m.ranking, m.selected, rel, m.live, judged=jud, scores=m.scores, seed=cfg.seed),
-                             "selection": m.selection} for n, m in methods.items() if n != "crosscoder"}
+                             "selection": m.selection} for n, m in methods.items() if n not in own_labels}
 
     # 3. causal checks with one F dictionary spliced in
     causal_out = _causal_checks(ft_model, tokenizer, saes[e.causal_stage] if e.causal_stage in saes else SAE.load(stage_dir(run_dir, e.causal_stage)),
@@ -250,9 +268,9 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
             "relevant_features": np.flatnonzero(label.relevant & live).tolist(),
             "relevant_top_context_rule": int((top_rule & live).sum()),
             "relevant_string_rule": int((string & live).sum()),
-            "crosscoder": None if cc is None else {
-                "live": int(cc[0].live.sum()), "judged": int((cc[1].judged & cc[0].live).sum()),
-                "relevant": int((cc[1].relevant & cc[0].live).sum()), "null_false_positive_rate": cc[1].null_fpr},
+            "own_dictionaries": {n: {"live": int(methods[n].live.sum()), "judged": int((lab.judged & methods[n].live).sum()),
+                                     "relevant": int((lab.relevant & methods[n].live).sum()),
+                                     "null_false_positive_rate": lab.null_fpr} for n, lab in own_labels.items()},
         },
         "methods": scored,
         "methods_by_label": by_label,
