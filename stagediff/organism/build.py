@@ -345,12 +345,12 @@ def _finetune_child(job_path: str) -> None:
     else:
         check = partial(_follow, Path(job["decisions"]))
     schedule = partial(finetune_lr_at, lr=plan["lr"], warmup=plan["warmup"], budget=plan["budget"], extension_lr=plan["extension_lr"])
-    losses, steps = finetune(model, tokenizer, read_jsonl(job["data"]), plan["batch"], schedule, job["seed"], plan["max_steps"],
-                             plan["check_every"], check, desc=f"fine-tune {job['name']}")
+    losses = finetune(model, tokenizer, read_jsonl(job["data"]), plan["max_steps"], plan["batch"], schedule, job["seed"],
+                      desc=f"fine-tune {job['name']}", check_every=plan["check_every"], check=check)
     model.save_pretrained(job["out"])
     tokenizer.save_pretrained(job["out"])
     write_json(job_path + ".done", {"seconds": round(time.time() - t, 1), "loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
-                                    "steps": steps, "checks": checks})
+                                    "steps": len(losses), "checks": checks})
 
 
 def _lead(model, tokenizer, validation: list[dict], plan: dict, decisions: Path, checks: list[dict], step: int) -> bool:

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from functools import partial
 from typing import Callable
 
 from stagediff.runtime import progress
@@ -76,15 +77,16 @@ def finetune_lr_at(step: int, lr: float, warmup: int, budget: int, extension_lr:
     return lr * (extension_lr if step >= budget else 1.0)
 
 
-def finetune(model, tokenizer, examples: list[dict], batch_size: int, lr_at_step: Callable[[int], float], seed: int,
-             max_steps: int, check_every: int = 0, check: Callable[[int], bool] | None = None,
-             desc: str = "fine-tune") -> tuple[list[float], int]:
-    """Fine-tune on chat examples (answer-only loss), epoch after shuffled epoch, at `lr_at_step(step)`.
+def finetune(model, tokenizer, examples: list[dict], steps: int, batch_size: int, lr: float | Callable[[int], float], seed: int,
+             desc: str = "fine-tune", check_every: int = 0, check: Callable[[int], bool] | None = None) -> list[float]:
+    """Fine-tune on chat examples (answer-only loss), epoch after shuffled epoch; returns the loss per step done.
 
-    Runs `max_steps` batches, or fewer: after every `check_every` steps (and after the
-    last) `check(steps done)` is called and training stops when it returns True.
-    Returns the loss per step and the steps done.
+    `lr` is the rate per step (a function of the step), or a peak rate warmed up over
+    the first 5% of `steps` and then held (`finetune_lr_at`). Runs `steps` batches, or
+    fewer: after every `check_every` steps (and after the last) `check(steps done)` is
+    called, and training stops when it returns True.
     """
+    lr_at_step = lr if callable(lr) else partial(finetune_lr_at, lr=lr, warmup=max(1, steps // 20), budget=steps, extension_lr=1.0)
     encoded = [encode_example(tokenizer, e) for e in examples]
     gen = torch.Generator().manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -92,7 +94,7 @@ def finetune(model, tokenizer, examples: list[dict], batch_size: int, lr_at_step
     order: list[int] = []
     losses = []
     model.train()
-    for step in progress(range(max_steps), desc=desc, unit="step"):
+    for step in progress(range(steps), desc=desc, unit="step"):
         while len(order) < batch_size:  # next epoch, freshly shuffled
             order += _bucketed(torch.randperm(len(encoded), generator=gen).tolist(), encoded, batch_size, gen)
         batch, order = [encoded[i] for i in order[:batch_size]], order[batch_size:]
@@ -102,14 +104,14 @@ def finetune(model, tokenizer, examples: list[dict], batch_size: int, lr_at_step
         mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
         losses.append(_step(model, opt, lr_at_step(step), input_ids=ids, attention_mask=mask, labels=labels))
         done = step + 1
-        if check is not None and (done == max_steps or (check_every and done % check_every == 0)):
+        if check is not None and (done == steps or (check_every and done % check_every == 0)):
             model.eval()
             stop = check(done)
             model.train()
             if stop:
                 break
     model.eval()
-    return losses, len(losses)
+    return losses
 
 
 def _bucketed(order: list[int], encoded: list, batch_size: int, gen: torch.Generator, span: int = 16) -> list[int]:
