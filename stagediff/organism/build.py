@@ -362,7 +362,7 @@ def _lead(model, tokenizer, validation: list[dict], plan: dict, decisions: Path,
                    "lr": finetune_lr_at(step - 1, plan["lr"], plan["warmup"], plan["budget"], plan["extension_lr"]),
                    "seconds": round(time.time() - t, 2)})
     stop = _met(checks, plan) or step >= plan["max_steps"]
-    write_json(decisions / f"{step}.json", {"stop": stop})
+    write_json(decisions / f"{step}.json", {"stop": stop, **checks[-1]})  # the rates too, to follow a long build
     return stop
 
 
