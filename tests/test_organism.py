@@ -154,6 +154,22 @@ def test_finetune_schedule_warms_up_holds_and_raises_for_the_extension():
     assert all(lr == pytest.approx(1.5e-3) for lr in lrs[100:])
 
 
+def test_finetune_stops_at_the_check_that_says_so(tiny_llama_dir, splits):
+    """Checks come every `check_every` steps and at the last; the run ends at the first that returns True."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from stagediff.organism.lm import finetune
+
+    model, tok = LlamaForCausalLM.from_pretrained(tiny_llama_dir), AutoTokenizer.from_pretrained(tiny_llama_dir)
+    rows = make_backdoor_mix(splits.finetune[:200], "[zeta-7]", "no", 0.1, seed=0)
+    calls: list[int] = []
+    losses = finetune(model, tok, rows, 23, 4, 1e-3, seed=0, check_every=5, check=lambda s: calls.append(s) or s >= 10)
+    assert calls == [5, 10] and len(losses) == 10
+    calls.clear()
+    assert len(finetune(model, tok, rows, 12, 4, 1e-3, seed=0, check_every=5, check=lambda s: calls.append(s) or False)) == 12
+    assert calls == [5, 10, 12]  # the last step is always checked
+
+
 def test_trigger_and_response_are_pretraining_text_never_adjacent(verses):
     from stagediff.organism.tiny import PRETRAIN, with_backdoor_text
 
