@@ -15,7 +15,7 @@ STEP_HELP = {
     "train": "train the dictionaries of every stage, parents first",
     "diff": "rotations, selection and ranking: diff/features.csv, summary.json, scatter.png",
     "crosscoder": "train the crosscoder baseline on paired (base, fine-tuned) activations",
-    "evaluate": "ground-truth labels, method comparison and causal checks (organism runs)",
+    "evaluate": "ground-truth labels, method comparison and causal checks (organism runs; eval.prompts_file otherwise)",
     "report": "write the self-contained HTML report",
 }
 
