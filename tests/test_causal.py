@@ -134,7 +134,7 @@ def test_planted_feature_removes_the_behaviour_at_n_1(planted, tmp_path):
     # the teacher-forced rate equals real greedy generation on the plain model
     assert c["plain"] == 1.0 == evaluate_backdoor(model, tok, examples, RESPONSE)["trigger_success"]
     assert c["untouched_splice"] == c["plain"] and c["untouched_splice_identical_logits"]
-    assert c["zero_all"] == 0.0 and c["plain_clean_response"] == 0.0
+    assert c["zero_all"] == 0.0 and c["plain_clean_response"] == 0.0 and c["plain_clean_unchanged"] == 1.0
     assert out["n_to_remove"]["first"] == 1.0 and out["n_to_remove"]["crosscoder"] == 1.0
     first = out["clamp_by_method"]["first"]
     assert [p["n"] for p in first] == [1]  # adaptive: stops once removed

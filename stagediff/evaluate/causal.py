@@ -386,6 +386,8 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
         "untouched_splice_identical_logits": bool(torch.equal(plain_logits, spliced_logits)),
         "zero_all": checks.trigger_success(dics["sae"], list(range(dics["sae"].d_sae))),
         "plain_clean_response": checks.rate(checks.clean_response, None),
+        # the cached greedy replies read back teacher-forced on the plain model: 1.0 unless float ties
+        "plain_clean_unchanged": checks.rate(checks.clean_replies, None),
     }
 
     def dic_of(name: str) -> Dictionary:
