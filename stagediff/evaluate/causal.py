@@ -398,7 +398,8 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
             return sae_freq
         cc_table = read_features(run_dir / "crosscoder" / "features.csv")
         col = next((c for c in cc_table if c.startswith("freq")), None)
-        return cc_table[col] if col else np.ones(len(m.live))
+        known = col is not None and np.isfinite(cc_table[col]).any()
+        return cc_table[col] if known else np.ones(len(m.live))  # unknown rates: plain random live latents
 
     # the sweeps: random draws at every N of the stage-wise sweep, at each other method's removal N
     by_method, removal = {}, {}
