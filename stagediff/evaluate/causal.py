@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -345,6 +346,7 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
     from stagediff.sae import SAE
     from stagediff.stages import stage_dir
 
+    t0 = time.perf_counter()
     e = cfg.eval
     run_dir = Path(run_dir)
     stage_folder = stage_dir(run_dir, e.causal_stage)
@@ -458,6 +460,7 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
     after = checks.specificity(dics["sae"], methods["stagewise"].ranking[:n_clamp].tolist())["clean_loss"] if "stagewise" in methods else float("nan")
     out["clean_loss"] = {"before": checks.loss_plain, "spliced_untouched": untouched, "after_clamp": after, "n_clamped": int(n_clamp)}
     model.train(was_training)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
 
