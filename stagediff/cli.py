@@ -16,7 +16,7 @@ STEP_HELP = {
     "diff": "rotations, selection and ranking: diff/features.csv, summary.json, scatter.png",
     "crosscoder": "train the crosscoder baseline on paired (base, fine-tuned) activations",
     "diffsae": "train the diff-SAE baseline on fine-tuned minus base activations of the same tokens",
-    "evaluate": "ground-truth labels, method comparison and causal checks (organism runs)",
+    "evaluate": "ground-truth labels, method comparison and causal checks (organism runs; eval.prompts_file otherwise)",
     "meandiff": "single-direction baselines: Activation Difference Lens and difference-of-means ablation (organism runs)",
     "report": "write the self-contained HTML report",
 }

@@ -158,12 +158,23 @@ class EvalConfig:
     top_contexts: int = 20  # secondary top-context rule: top-activating contexts read per feature
     relevant_share: float = 0.8  # secondary top-context rule: share of top contexts at/after the trigger
     min_fires: int = 10  # secondary rules: a feature must fire this often on held-out data to be judged
-    clamp_n: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
+    # causal checks: clamp sweeps N = 1, 2, 5, 10, 20, 50, ... until trigger success <= clamp_target
+    # (or every live feature is clamped); a non-empty clamp_n pins the Ns instead
+    clamp_n: list[int] = field(default_factory=list)
+    clamp_target: float = 0.1  # trigger success at or below which the behaviour counts as removed
+    random_draws: int = 5  # frequency-matched random feature sets per N (stage-wise sweep, each method's removal N)
+    reply_tokens: int = 10  # greedy clean-reply tokens compared for "clean reply unchanged"
+    steer_k: list[int] = field(default_factory=lambda: [1, 5, 20])  # top-k features steered together
     steer_strengths: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     noise_floor: bool = True  # train a control fine-tune of S (another seed) for the noise floor
     causal_examples: int = 100  # triggered (clamp) and clean (steer, loss) held-out prompts for causal checks
     activation_rows: int = 200_000  # activation rows per model read by the activation-difference baseline
     causal_stage: str = "F_via_D"  # the F dictionary spliced into the fine-tuned model for causal checks
+    # runs without an organism: greedy generations on these prompts, plain / top features clamped / steered
+    prompts_file: str = ""  # jsonl: one JSON string or {"prompt": ...} a line -> eval/generations.jsonl
+    prompts_clamp_n: int = 20  # top stage-wise features clamped together
+    prompts_steer_features: int = 5  # top features steered one at a time, at each of steer_strengths
+    generation_tokens: int = 30  # greedy tokens generated per prompt
 
 
 @dataclass

@@ -257,6 +257,11 @@ def step_crosscoder(run: Run) -> None:
 
 def step_evaluate(run: Run) -> None:
     cfg = run.cfg
+    if cfg.eval.enabled and cfg.eval.prompts_file and not (run.dir / "data" / "heldout.jsonl").exists():
+        from stagediff.evaluate.causal import evaluate_prompts
+
+        evaluate_prompts(run.dir, cfg)  # own models: generations on the user's prompts (cheap, always rerun)
+        return
     if not cfg.eval.enabled or not (run.dir / "data" / "heldout.jsonl").exists():
         return  # ground truth exists only for organisms, whose held-out examples mark the trigger
     from stagediff.evaluate import evaluate_run

@@ -13,11 +13,10 @@ import torch
 
 from stagediff.config import SAEConfig
 from stagediff.contexts import scan_features
-from stagediff.evaluate.causal import matched_random, splice_fn
 from stagediff.evaluate.labels import heldout_activations, heldout_windows, paired_relevance, relevance, span_means
 from stagediff.evaluate.metrics import average_precision, binom_sf, clopper_pearson, hypergeom_sf, method_metrics
 from stagediff.evaluate.rankings import stagewise_methods
-from stagediff.models import load_model, splice
+from stagediff.models import load_model
 from stagediff.sae import SAE
 
 HOOK0 = "blocks.0.hook_resid_pre"
@@ -229,60 +228,6 @@ def test_stagewise_rankings_from_a_features_table():
     assert m["m_to_f"].ranking[:2].tolist() == [0, 1] and 3 not in m["m_to_f"].selected
 
 
-def test_untouched_splice_reproduces_logits(llama):
-    model, _ = llama
-    torch.manual_seed(1)
-    ids = torch.randint(4, 500, (2, 24))
-    plain = model(input_ids=ids).logits
-    for hook in ("blocks.2.hook_resid_post", HOOK0):
-        sae = SAE(64, SAEConfig(architecture="relu", d_sae=96), generator=torch.Generator().manual_seed(2))
-        with torch.no_grad():
-            sae.b_enc.fill_(-0.01)
-        with splice(model, hook, splice_fn(sae)):
-            spliced = model(input_ids=ids).logits
-        # the reconstruction is poor (random dictionary): the error term is what makes this exact
-        assert torch.allclose(spliced, plain, atol=1e-5), hook
-        with splice(model, hook, lambda r: sae.decode(sae.encode(r))):
-            assert not torch.allclose(model(input_ids=ids).logits, plain, atol=1e-3)
-
-
-def test_clamping_a_planted_feature_removes_its_effect(llama, tokenizer):
-    model, _ = llama
-    embed = model.get_input_embeddings().weight.detach()
-    t = _tok(tokenizer, " the")
-    sae = _detector_sae(embed, [t, _tok(tokenizer, "|")])
-    ids = torch.tensor([tokenizer("Human: and the waters of the river", add_special_tokens=False)["input_ids"]])
-    at_t = ids[0] == t
-    plain = model(input_ids=ids).logits
-    with splice(model, HOOK0, splice_fn(sae, clamp=[0])):
-        clamped = model(input_ids=ids).logits
-    # clamping feature 0 removes exactly its decoder contribution (0.4 * W_dec[0] = the embedding of " the")
-    removed = embed[ids].clone()
-    removed[0, at_t] = 0
-    assert torch.allclose(clamped, model(inputs_embeds=removed).logits, atol=1e-5)
-    first = int(at_t.nonzero()[0])
-    assert torch.allclose(clamped[0, :first], plain[0, :first], atol=1e-5)  # causal: earlier positions untouched
-    assert not torch.allclose(clamped[0, first:], plain[0, first:], atol=1e-2)
-    # clamping a feature that does not fire here changes nothing
-    with splice(model, HOOK0, splice_fn(sae, clamp=[1])):
-        assert torch.allclose(model(input_ids=ids).logits, plain, atol=1e-5)
-    # steering adds amount * W_dec[j] at every position
-    with splice(model, HOOK0, splice_fn(sae, add={1: 0.8})):
-        steered = model(input_ids=ids).logits
-    assert torch.allclose(steered, model(inputs_embeds=embed[ids] + 0.8 * sae.W_dec[1].detach()).logits, atol=1e-5)
-
-
-def test_matched_random_features_share_the_firing_rate():
-    freq = np.array([0.5, 0.1, 0.1, 0.01, 0.01, 0.5, 0.001, 0.1, 0.01])
-    live = np.ones(9, bool)
-    live[8] = False
-    rng = np.random.default_rng(0)
-    picks = matched_random([0, 3], freq, live, rng, pool=1)
-    assert picks.tolist() == [5, 4]  # the nearest-rate live feature outside the clamped set
-    many = matched_random([1, 2], freq, live, rng, pool=2)
-    assert len(set(many.tolist())) == 2 and not {1, 2} & set(many.tolist()) and all(live[many])
-
-
 def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, capsys):
     """A run directory with planted dictionaries: labels, metrics.json schema, causal keys, exact splice."""
     import json
@@ -347,12 +292,7 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
     x = metrics["methods"]["crosscoder"]
     assert x["selected"] == 1 and x["precision"] == 1.0 and x["live"] == 5 and lab["own_dictionaries"]["crosscoder"]["relevant"] == 2
     assert x["ap"] == pytest.approx((1 + 2 / 3) / 2)  # judged ranking 0 3 1 4 (ties by id), relevant {0, 1}
-    c = metrics["causal"]
-    # N = 9 exceeds the 5 live features: skipped; N = 2 clamps the top two against two others
-    assert [r["n"] for r in c["clamp"]] == [2] and c["clamp"][0]["features"] == [1, 3]
-    assert 0.0 <= c["clamp"][0]["trigger_success"] <= 1.0 and 0.0 <= c["clamp"][0]["random_trigger_success"] <= 1.0
-    assert len(c["clamp"][0]["random_features"]) == 2 and not set(c["clamp"][0]["random_features"]) & {1, 3}
-    assert c["steer"][0]["feature"] == 1 and c["steer"][0]["added_activation"] == pytest.approx(0.4)
-    assert c["clean_loss"]["spliced_untouched"] == pytest.approx(c["clean_loss"]["before"], abs=1e-4)
-    assert c["clean_loss"]["after_clamp"] != pytest.approx(c["clean_loss"]["before"], abs=1e-4)
+    c = metrics["causal"]  # what the checks find is tested in test_causal.py; here: they ran on every ranking
+    assert [r["n"] for r in c["clamp"]] == [2] and set(c["clamp_by_method"]) == set(c["n_to_remove"]) == set(metrics["methods"])
+    assert c["controls"]["untouched_splice_identical_logits"] and c["clean_loss"]["spliced_untouched"] == c["clean_loss"]["before"]
     assert "stagewise" in capsys.readouterr().out

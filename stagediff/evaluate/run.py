@@ -243,9 +243,10 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
         by_label[key] = {n: {**method_metrics(m.ranking, m.selected, rel, m.live, judged=jud, scores=m.scores, seed=cfg.seed),
                              "selection": m.selection} for n, m in methods.items() if n not in own_labels}
 
-    # 3. causal checks with one F dictionary spliced in
-    causal_out = _causal_checks(ft_model, tokenizer, saes[e.causal_stage] if e.causal_stage in saes else SAE.load(stage_dir(run_dir, e.causal_stage)),
-                                cfg, examples, org, methods["stagewise"], table, scans.get(e.causal_stage), device)
+    # 3. causal checks: each ranking's features clamped in its own dictionary spliced into the fine-tuned model
+    # (the diff-SAE reads two models at once; its clamp has no exact splice yet, so it is not swept)
+    causal_out = causal.run_causal_checks(ft_model, tokenizer, cfg, examples, org,
+                                          {n: m for n, m in methods.items() if n != "diffsae"}, run_dir, device)
 
     metrics = {
         "organism": {**org, "null": null},
@@ -281,36 +282,7 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     print(f"relevant features: {lab['relevant']} of {lab['judged_features']} judged ({lab['live_features']} live; "
           f"permutation null labels {lab['null_false_positive_rate']:.2%}){' [null organism]' if null else ''}")
     print(format_table(scored))
-    if causal_out.get("clamp"):
-        print("clamp N: " + ", ".join(f"{c['n']}: {c['trigger_success']:.2f} (random {c['random_trigger_success']:.2f})" for c in causal_out["clamp"]))
+    if causal_out.get("n_to_remove"):
+        print("N to remove: " + ", ".join(f"{k} {v if v is None else round(v, 1)}" for k, v in causal_out["n_to_remove"].items()))
     return metrics
 
-
-def _causal_checks(model: Any, tokenizer: Any, sae: Any, cfg: Config, examples: list[dict], org: dict,
-                   stagewise: Method, table: dict, scan: Any, device: torch.device) -> dict:
-    e = cfg.eval
-    sae = sae.to(device)
-    triggered = [x for x in examples if x.get("triggered")][: e.causal_examples]
-    clean = [x for x in examples if not x.get("triggered")][: e.causal_examples]
-    freq_col = f"freq_{e.causal_stage}"
-    freq = table[freq_col] if freq_col in table and np.isfinite(table[freq_col]).all() else \
-        (scan.fires.numpy() / max(scan.rows, 1) if scan is not None else np.ones(len(stagewise.live)))
-    ranked = stagewise.ranking
-    out: dict[str, Any] = {"stage": e.causal_stage, "prompts": {"triggered": len(triggered), "clean": len(clean)},
-                           "splice": "resid -> decode(f') + (resid - decode(encode(resid)))"}
-    out["clamp"] = causal.clamp_sweep(model, tokenizer, sae, cfg.hook, triggered, org["response"], ranked, freq,
-                                      stagewise.live, e.clamp_n, cfg.seed) if triggered else []
-    # steer with the best-ranked feature that fires on held-out data (so its typical activation is known)
-    steer_feature, typical = None, None
-    if scan is not None:
-        fires, sums = scan.fires.numpy(), scan.sums.numpy()
-        firing = [int(f) for f in ranked if fires[f] > 0]
-        if firing:
-            steer_feature = firing[0]
-            typical = float(sums[steer_feature] / fires[steer_feature])
-    out["steer"] = causal.steer_sweep(model, tokenizer, sae, cfg.hook, clean, org["response"], steer_feature, typical,
-                                      e.steer_strengths) if clean and steer_feature is not None else []
-    out["steer_rule"] = "added activation = strength x the feature's mean activation when firing on held-out data, along its decoder direction, at every position"
-    largest = ranked[: max([n for n in e.clamp_n if n <= len(ranked)], default=0)]
-    out["clean_loss"] = causal.clean_loss_check(model, tokenizer, sae, cfg.hook, clean, largest.tolist()) if clean else {}
-    return out

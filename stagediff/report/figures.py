@@ -113,16 +113,27 @@ def _histograms(plt: Any, data: dict) -> Any:
 
 
 def _causal(plt: Any, data: dict) -> Any:
+    """Trigger success against N clamped for every ranking, with the random draws' band and the removal target."""
     causal = (data.get("eval") or {}).get("causal") or {}
-    clamp = [c for c in causal.get("clamp") or [] if "n" in c]
-    if not clamp:
+    curves = {k: [c for c in v if "n" in c] for k, v in (causal.get("clamp_by_method") or {"stagewise": causal.get("clamp") or []}).items()}
+    curves = {k: v for k, v in curves.items() if v}
+    if not curves:
         return None
-    n = [c["n"] for c in clamp]
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.plot(n, [c.get("trigger_success") for c in clamp], "o-", color=COLORS["selected"], label="stage-wise features clamped")
-    ax.plot(n, [c.get("random_trigger_success") for c in clamp], "s--", color=COLORS["live"], label="random features clamped")
-    ax.set(xscale="log", xlabel="features clamped to zero (N)", ylabel="trigger success rate", ylim=(-0.03, 1.03))
-    ax.legend(frameon=False, fontsize=8)
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    sw = [c for c in curves.get("stagewise", []) if c.get("random_ci")]
+    if sw:  # frequency-matched random sets, drawn at every N of the stage-wise sweep
+        n = [c["n"] for c in sw]
+        ax.fill_between(n, [c["random_ci"][0] for c in sw], [c["random_ci"][1] for c in sw], color=COLORS["dead"], alpha=0.6, lw=0)
+        ax.plot(n, [c["random_trigger_success"] for c in sw], ":", color=COLORS["live"], label="random (matched rate): mean, range")
+    cmap = plt.get_cmap("tab10")
+    for i, (name, pts) in enumerate(curves.items()):
+        style = {"color": COLORS["selected"], "lw": 2.2, "zorder": 5} if name == "stagewise" else \
+            {"color": "black", "ls": "--", "lw": 1.2} if name == "oracle" else {"color": cmap(i % 10), "lw": 1.1, "alpha": 0.85}
+        ax.plot([c["n"] for c in pts], [c["trigger_success"] for c in pts], marker="o", ms=3, label=name, **style)
+    if causal.get("target") is not None:
+        ax.axhline(causal["target"], color="grey", lw=0.8, ls="-.")
+    ax.set(xscale="log", xlabel="features clamped to zero (N, best ranked first)", ylabel="trigger success rate", ylim=(-0.03, 1.03))
+    ax.legend(frameon=False, fontsize=6.5, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return fig
 
 

@@ -450,11 +450,15 @@ function renderEvaluation() {
   }
   const charts = el("div", { class: "grid2" });
   const causal = (e && e.causal) || {};
-  if (causal.clamp && causal.clamp.length) {
-    const pts = (k) => causal.clamp.map((c) => [c.n, c[k]]);
-    charts.append(el("div", {}, el("h3", {}, "Clamping features to zero on triggered prompts"),
-      lines([{ name: "stage-wise features", color: "var(--sel)", points: pts("trigger_success") }, { name: "random features (same rate)", color: "var(--live)", dash: "5 4", points: pts("random_trigger_success") }],
-        "features clamped (N)", "trigger success rate", { xlog: true, yfmt: (t) => pct(t) })));
+  const curves = Object.entries(causal.clamp_by_method || (causal.clamp ? { stagewise: causal.clamp } : {})).filter(([, v]) => v && v.length);
+  if (curves.length) {
+    const palette = ["var(--live)", "var(--rel)", "#7048e8", "#1098ad", "#f08c00", "#c2255c", "#5c940d", "#495057", "#862e9c"];
+    const series = curves.map(([name, pts], k) => ({ name, color: name === "stagewise" ? "var(--sel)" : name === "oracle" ? "#000" : palette[k % palette.length],
+      dash: name === "oracle" ? "2 3" : null, points: pts.map((c) => [c.n, c.trigger_success]) }));
+    const sw = (causal.clamp || []).filter((c) => isNum(c.random_trigger_success));
+    if (sw.length) series.push({ name: "random (matched rate)", color: "var(--live)", dash: "5 4", points: sw.map((c) => [c.n, c.random_trigger_success]) });
+    charts.append(el("div", {}, el("h3", {}, "Clamping each ranking's top N features to zero on triggered prompts"),
+      lines(series, "features clamped (N)", "trigger success rate", { xlog: true, yfmt: (t) => pct(t), height: 260 + 16 * Math.max(0, series.length - 8) })));
   }
   if (causal.steer && causal.steer.length) {
     charts.append(el("div", {}, el("h3", {}, "Steering along a top feature on clean prompts"),
@@ -466,6 +470,18 @@ function renderEvaluation() {
       el("div", { class: "caption" }, "0 = base-only latent, 0.5 = shared, 1 = fine-tuned-only.")));
   }
   if (charts.children.length) s.append(charts);
+  const removal = Object.entries(causal.n_to_remove_detail || {});
+  if (removal.length) {
+    const ctl = causal.controls || {};
+    s.append(el("h3", {}, `N to remove: features clamped until trigger success ≤ ${pct(causal.target)}`));
+    s.append(table(["ranking", "N to remove", "bracket (measured N)", "trigger success there", "random at that N (range)", "clean replies unchanged", "clean-loss increase"],
+      removal.map(([name, r]) => [name, isNum(r.n) ? r.n : "never", r.bracket ? `${r.bracket[0]} – ${r.bracket[1]}` : "—", r.trigger_success ?? null,
+        isNum(r.random_trigger_success) ? `${pct(r.random_trigger_success)} (${pct(r.random_ci[0])}–${pct(r.random_ci[1])})` : "—", r.clean_unchanged ?? null, r.clean_loss_increase ?? null]),
+      { num: [0, 1, 0, 1, 1, 1, 1], hi: (ri) => removal[ri][0] === "stagewise" }));
+    s.append(el("div", { class: "caption" }, `controls on the same triggered prompts: plain model ${pct(ctl.plain)}, untouched splice ${pct(ctl.untouched_splice)}` +
+      `${ctl.untouched_splice_identical_logits ? " (identical logits)" : ""}, every feature clamped ${pct(ctl.zero_all)}` +
+      (isNum(causal.after_trigger_n_to_remove) ? `; stage-wise clamp only at/after the trigger removes it at N = ${fmt(causal.after_trigger_n_to_remove)}` : "")));
+  }
   if (causal.clean_loss) s.append(el("div", { class: "caption" }, "clean-data loss: " + Object.entries(causal.clean_loss).map(([k, v]) => `${k.replace(/_/g, " ")} ${fmt(v)}`).join(" · ")));
 }
 
