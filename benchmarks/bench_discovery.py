@@ -43,7 +43,7 @@ def _get(m: dict, key: str) -> float:
 
 
 def run_seed(preset: str, seed: int, out: Path, overrides: list[str], null: bool, causal: bool) -> dict:
-    extra = [f"seed={seed}", *([] if causal else ["eval.causal_examples=0"]), *overrides]
+    extra = [f"seed={seed}", *([] if causal else ["eval.causal=false"]), *overrides]
     runs = {"real": (out / f"seed{seed}", extra)}
     if null:
         runs["null"] = (out / f"seed{seed}" / "null", [*extra, "organism.null=true"])
@@ -121,7 +121,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--out", default="runs/bench-discovery")
     p.add_argument("--no-null", action="store_true", help="skip the null runs")
-    p.add_argument("--causal", action="store_true", help="also run the causal checks (slower; off: eval.causal_examples=0)")
+    p.add_argument("--causal", action="store_true", help="also run the causal checks (slower; off: eval.causal=false)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
     out = Path(args.out)

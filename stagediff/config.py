@@ -158,6 +158,7 @@ class EvalConfig:
     top_contexts: int = 20  # secondary top-context rule: top-activating contexts read per feature
     relevant_share: float = 0.8  # secondary top-context rule: share of top contexts at/after the trigger
     min_fires: int = 10  # secondary rules: a feature must fire this often on held-out data to be judged
+    causal: bool = True  # run the causal checks (clamp / steer); off for discovery-only benchmarks
     # causal checks: clamp sweeps N = 1, 2, 5, 10, 20, 50, ... until trigger success <= clamp_target
     # (or every live feature is clamped); a non-empty clamp_n pins the Ns instead
     clamp_n: list[int] = field(default_factory=list)

@@ -245,8 +245,10 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
 
     # 3. causal checks: each ranking's features clamped in its own dictionary spliced into the fine-tuned model
     # (the diff-SAE reads two models at once; its clamp has no exact splice yet, so it is not swept)
-    causal_out = causal.run_causal_checks(ft_model, tokenizer, cfg, examples, org,
-                                          {n: m for n, m in methods.items() if n != "diffsae"}, run_dir, device)
+    causal_out = {}
+    if e.causal and e.causal_examples > 0:
+        causal_out = causal.run_causal_checks(ft_model, tokenizer, cfg, examples, org,
+                                              {n: m for n, m in methods.items() if n != "diffsae"}, run_dir, device)
 
     metrics = {
         "organism": {**org, "null": null},
