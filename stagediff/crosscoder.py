@@ -1,6 +1,7 @@
 """The crosscoder baseline: one dictionary reading and writing both models at once.
 
-An acausal crosscoder over paired activations of the same tokens (the fine-tune data) is
+An acausal crosscoder over paired activations of the same tokens (base and fine-tune data, an
+equal share of each batch; by default as many rows as the whole stage-wise pipeline reads) is
 an SAE over the concatenation [x_base · s_base, x_ft · s_ft], each model normalised on its
 own to mean norm sqrt(d_model) so neither dominates the loss. So it reuses `SAE` and
 `train_sae` unchanged (with a fixed scale of 1: the per-model scales are applied here);
@@ -26,7 +27,10 @@ It fits the fine-tuned direction to the base model's activations, so it assumes 
 models share a residual basis, as a fine-tune and its base do.
 
 Score (`crosscoder_scores`, higher = more fine-tune-exclusive): the relative norm, or with
-Latent Scaling 1 − clip(ν, 0, 1). Latents that never fired (firing rate below
+`crosscoder.latent_scaling` Latent Scaling among the latents the norms put on the fine-tuned side
+(`latent_scaling_score`: 0.5 + 0.5 (1 − clip(ν, 0, 1)) where relative norm >= 0.5, else the relative
+norm). ν is measured either way and features.csv holds
+both rankings (score_/rank_relative_norm, score_/rank_latent_scaling). Latents that never fired (firing rate below
 `diff.min_frequency`) are marked dead: score NaN, no rank.
 """
 
@@ -75,6 +79,27 @@ class ScaledPair:
     def mean_norm(self, max_rows: int = MEAN_NORM_ROWS) -> float:
         x = next(self.batches(min(max_rows, self.paired.num_rows), seed=0))
         return float(x.double().norm(dim=1).mean())
+
+
+class PairMixture:
+    """Scaled pairs of several datasets read as one: each batch takes an equal share of rows from each.
+
+    The crosscoder trains on both models' activations over the base *and* the fine-tune data,
+    as in the crosscoder papers (one dataset alone would see only half of what the stages see).
+    """
+
+    def __init__(self, pairs: list[ScaledPair]):
+        if len({p.d_in for p in pairs}) != 1:
+            raise StagediffError(f"paired stores of different widths {[p.d_in for p in pairs]}: harvest them at one hook")
+        self.pairs, self.d_in, self.d_base = pairs, pairs[0].d_in, pairs[0].d_base
+
+    def batches(self, batch_size: int, *, seed: int, start_step: int = 0, device="cpu") -> Iterator[Tensor]:
+        n = len(self.pairs)
+        sizes = [batch_size // n + (i < batch_size % n) for i in range(n)]
+        streams = [p.batches(b, seed=seed + 7919 * i, start_step=start_step, device=device)
+                   for i, (p, b) in enumerate(zip(self.pairs, sizes))]
+        while True:
+            yield torch.cat([next(s) for s in streams])
 
 
 def _model_scale(store, d: int) -> float:
@@ -162,6 +187,16 @@ def latent_scaling(sae: SAE, rows: Iterator[Tensor], d_base: int, max_rows: int 
     return {"beta_base": beta["base"].cpu().numpy(), "beta_ft": beta["ft"].cpu().numpy(), "nu": nu.cpu().numpy()}
 
 
+def latent_scaling_score(nu: np.ndarray, relative_norm: np.ndarray) -> np.ndarray:
+    """Higher = more fine-tune-exclusive by Latent Scaling, among the latents the decoder norms put on the
+    fine-tuned side (relative norm >= 0.5): 0.5 + 0.5 (1 − clip(ν, 0, 1)) in [0.5, 1]; the others keep their
+    relative norm (< 0.5). ν alone cannot rank a base-leaning latent: its fine-tuned half is a weak direction,
+    β_ft ≈ 0 and ν is large or negative noise, so 1 − clip(ν) would call it fine-tune-only (Minder et al.
+    apply Latent Scaling to the latents the norms call fine-tune-only). NaN where ν is unknown."""
+    ls = 0.5 + 0.5 * (1.0 - np.clip(nu, 0.0, 1.0))
+    return np.where(np.isfinite(nu), np.where(relative_norm >= 0.5, ls, relative_norm), np.nan)
+
+
 def rank_scores(score: np.ndarray, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(score with NaN for dead latents, 1-based rank by descending score; 0 = unranked)."""
     score = np.where(dead | ~np.isfinite(score), np.nan, score)
@@ -172,6 +207,19 @@ def rank_scores(score: np.ndarray, dead: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 # ---------------------------------------------------------------- the step
+
+
+def stagewise_tokens(cfg: Config) -> int:
+    """The whole stage-wise pipeline's budget: every trained stage's tokens but the noise controls."""
+    from stagediff.stages import resolve_stages
+
+    return sum(s.tokens for s in resolve_stages(cfg) if not s.from_pretrained and s.control_of is None)
+
+
+def crosscoder_tokens(cfg: Config) -> int:
+    """`crosscoder.tokens`, or by default the whole stage-wise pipeline's budget:
+    the baseline sees as many activation rows as the method it is compared with."""
+    return cfg.crosscoder.tokens or stagewise_tokens(cfg)
 
 
 def crosscoder_sae_config(cfg: Config) -> SAEConfig:
@@ -185,28 +233,32 @@ def crosscoder_sae_config(cfg: Config) -> SAEConfig:
 
 
 def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
-    """Train the crosscoder on RUN/activations/{base,finetuned}__finetune; write RUN/crosscoder/. Returns that folder."""
-    from stagediff.activations import PairedStore
+    """Train the crosscoder on both models' activations over both datasets (RUN/activations/{base,finetuned}__{base,finetune});
+    write RUN/crosscoder/. Returns that folder."""
+    from stagediff.activations import ActivationStore, PairedStore
     from stagediff.train import train_sae
 
     run_dir = Path(run_dir)
     out = run_dir / "crosscoder"
     cc = cfg.crosscoder
-    paths = paired_store_dirs(run_dir)
-    for p in paths:
+    pairs = {data: paired_store_dirs(run_dir, data) for data in ("base", "finetune")}
+    for p in (p for ps in pairs.values() for p in ps):
         if not (p / "manifest.json").exists():
             raise StagediffError(f"the crosscoder needs the activation store {p}: run `stagediff harvest {run_dir}` first")
-    paired = PairedStore(*paths)
-    store = ScaledPair(paired, paired.a.d_in)
+    # each model's scale is measured once, on the base data (as S's is), and used for both datasets
+    base_pair = ScaledPair(PairedStore(*pairs["base"]), ActivationStore(pairs["base"][0]).d_in)
+    ft_pair = ScaledPair(PairedStore(*pairs["finetune"]), base_pair.d_base, base_pair.scale_base, base_pair.scale_ft)
+    store = PairMixture([base_pair, ft_pair])
     sae_cfg = crosscoder_sae_config(cfg)
-    tokens = cc.tokens or (cfg.stages["S"].tokens if "S" in cfg.stages else max(s.tokens for s in cfg.stages.values()))
+    tokens = crosscoder_tokens(cfg)
     lr = cc.lr or cfg.sae.lr
     device = resolve_device(cfg.device)
     meta = {
         "model_name": f"{cfg.base_model} + {cfg.finetuned_model}", "hook_name": cfg.hook,
-        "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos, "dataset_path": cfg.finetune_data.path,
-        "crosscoder": {"models": ["base", "finetuned"], "d_model": store.d_base, "scale_base": store.scale_base,
-                       "scale_ft": store.scale_ft, "variant": cc.architecture, "l1_coefficient": cc.l1_coefficient,
+        "context_size": cfg.context_size, "prepend_bos": cfg.prepend_bos,
+        "dataset_path": f"{cfg.base_data.path} + {cfg.finetune_data.path}",
+        "crosscoder": {"models": ["base", "finetuned"], "d_model": store.d_base, "scale_base": base_pair.scale_base,
+                       "scale_ft": base_pair.scale_ft, "data": ["base", "finetune"], "variant": cc.architecture, "l1_coefficient": cc.l1_coefficient,
                        "layout": "input [x_base*scale_base, x_ft*scale_ft]; W_dec[:, :d_model] base, [:, d_model:] fine-tuned"},
     }
     kwargs = {}
@@ -214,32 +266,40 @@ def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
         kwargs["sae_class"] = _l1_class(store.d_base, cc.l1_coefficient)
     sae = train_sae(store, sae_cfg, tokens=tokens, lr=lr, out_dir=out, stage="crosscoder", scale=1.0,
                     seed=cfg.seed, device=device, metadata=meta, **kwargs)
-    ls = None
-    if cc.latent_scaling:
-        ls = latent_scaling(sae, store.batches(4096, seed=cfg.seed + 1, device=device), store.d_base)
+    # always measured (one pass over LS_ROWS rows), so features.csv carries both rankings
+    ls = latent_scaling(sae, store.batches(4096, seed=cfg.seed + 1, device=device), store.d_base)
     write_crosscoder_outputs(out, sae, store.d_base, cfg, ls, extra={"tokens": tokens, "lr": lr,
-                             "scale_base": store.scale_base, "scale_ft": store.scale_ft})
+                             "scale_base": base_pair.scale_base, "scale_ft": base_pair.scale_ft})
     return out
 
 
 def write_crosscoder_outputs(out: Path, sae: SAE, d_base: int, cfg: Config, ls: dict | None = None,
                              extra: dict | None = None) -> dict:
-    """features.csv, summary.json and relative_norm.png of a trained crosscoder in `out`; returns the summary."""
+    """features.csv, summary.json and relative_norm.png of a trained crosscoder in `out`; returns the summary.
+
+    Both rankings are columns (score_/rank_relative_norm and, given `ls`, score_/rank_latent_scaling);
+    `score`/`rank` repeat the one `crosscoder.latent_scaling` picks, and `dead` is what that one cannot rank.
+    """
     n = sae.W_dec.shape[0]
     cols: dict[str, np.ndarray] = {"feature": np.arange(n)}
     cols.update(decoder_halves(sae.W_dec, d_base))
     freq = load_frequency(out)
     cols["freq"] = freq if freq is not None else np.full(n, np.nan)
-    dead = cols["freq"] < cfg.diff.min_frequency  # NaN (unknown) is not dead
+    unfired = cols["freq"] < cfg.diff.min_frequency  # NaN (unknown) is not dead
+    rankings = {"relative_norm": cols["relative_norm"]}
     if ls is not None:
         cols.update(ls)
-        dead |= ~np.isfinite(ls["nu"])  # never fired in the Latent Scaling sample: cannot be judged
-        raw = 1.0 - np.clip(ls["nu"], 0.0, 1.0)
-    else:
-        raw = cols["relative_norm"]
-    cols["dead"] = dead
-    cols["score"], cols["rank"] = rank_scores(raw, dead)
-    write_csv(out / "features.csv", cols)
+        # a latent that never fired in the Latent Scaling sample has ν = NaN: that ranking cannot judge it
+        rankings["latent_scaling"] = latent_scaling_score(ls["nu"], cols["relative_norm"])
+    for name, raw in rankings.items():
+        cols[f"score_{name}"], cols[f"rank_{name}"] = rank_scores(raw, unfired)
+    main = "latent_scaling" if cfg.crosscoder.latent_scaling else "relative_norm"
+    if main not in rankings:
+        raise StagediffError("crosscoder.latent_scaling is on but no Latent Scaling was measured: retrain the crosscoder")
+    cols["dead"] = unfired | ~np.isfinite(cols[f"score_{main}"])
+    cols["score"], cols["rank"] = cols[f"score_{main}"], cols[f"rank_{main}"]
+    write_csv(out / "features.csv", cols)  # rank_<ranking> 0 = unranked
+    dead = cols["dead"]
 
     live = ~dead
     rel = cols["relative_norm"][live]
@@ -248,8 +308,10 @@ def write_crosscoder_outputs(out: Path, sae: SAE, d_base: int, cfg: Config, ls: 
     top = np.flatnonzero(cols["rank"])
     top = top[np.argsort(cols["rank"][top])][:20]
     summary = {
-        "variant": cfg.crosscoder.architecture, "latent_scaling": bool(ls is not None),
-        "score": "1 - clip(nu, 0, 1)" if ls is not None else "relative_norm = |d_ft| / (|d_base| + |d_ft|)",
+        "variant": cfg.crosscoder.architecture, "latent_scaling": main == "latent_scaling",
+        "score": "relative_norm >= 0.5: 0.5 + 0.5 (1 - clip(nu, 0, 1)), else relative_norm" if main == "latent_scaling"
+                 else "relative_norm = |d_ft| / (|d_base| + |d_ft|)",
+        "rankings": {r: f"features.csv score_{r} / rank_{r}" for r in rankings},
         "latents": n, "live": int(live.sum()), "dead": int(dead.sum()),
         "ft_exclusive": int((rel >= 0.9).sum()), "base_exclusive": int((rel <= 0.1).sum()),
         "shared": int(((rel > 0.3) & (rel < 0.7)).sum()),

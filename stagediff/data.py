@@ -5,8 +5,11 @@ Formats (`DataConfig.format`, `auto` picks by extension):
   blank lines (one or more empty lines end a document);
 - jsonl: one JSON object per line, the text under `DataConfig.field`;
 - parquet: the column `DataConfig.field` (needs pyarrow);
-- hf: a folder written by `datasets.save_to_disk`, or a dataset name/script
-  loaded with `load_dataset(path, split=split)` (needs `datasets`).
+- hf: a folder written by `datasets.save_to_disk`, or a hub id / local data folder
+  loaded with `load_dataset(path, name, split, revision, data_files)`, streamed
+  for hub ids (needs `datasets`: the `[data]` extra).
+Any format's field may hold chat messages ([{role, content}]) with
+`chat_template: true`: they are rendered with the model's chat template.
 
 Windows: documents are tokenized in batches, joined with EOS between them and
 cut into windows of `context_size` tokens that each start with BOS. The mask is
@@ -24,6 +27,7 @@ import itertools
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,15 +150,46 @@ class WindowsFile:
 # ---------------------------------------------------------------- reading
 
 
-def read_texts(cfg: DataConfig) -> Iterator[str]:
-    """Yield the documents of a dataset, lazily, in file order."""
+def read_texts(cfg: DataConfig, tokenizer=None) -> Iterator[str]:
+    """Yield the documents of a dataset, lazily, in file order.
+
+    With `cfg.chat_template` each record's field holds chat messages, rendered
+    with `tokenizer`'s chat template (needed then); otherwise it must be a string.
+    """
     fmt = resolve_format(cfg)
+    if cfg.chat_template and tokenizer is None:
+        raise StagediffError(f"dataset {cfg.path} has chat_template: true, which needs the model's tokenizer to render messages")
     if fmt == "hf":
-        yield from _check_nonempty(_read_hf(cfg), cfg)
-        return
-    files = _files(Path(cfg.path).expanduser(), fmt)
-    reader = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt]
-    yield from _check_nonempty(itertools.chain.from_iterable(reader(f, cfg.field) for f in files), cfg)
+        values = _read_hf(cfg)
+    else:
+        reader = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet}[fmt]
+        values = itertools.chain.from_iterable(reader(f, cfg.field) for f in _files(Path(cfg.path).expanduser(), fmt))
+    yield from _check_nonempty((_as_text(v, cfg, tokenizer) for v in values), cfg)
+
+
+def _as_text(value, cfg: DataConfig, tokenizer) -> str:
+    """One record's field as text: a string as is, chat messages through the chat template."""
+    if not cfg.chat_template:
+        if isinstance(value, str):
+            return value
+        hint = ("it holds chat messages: set chat_template: true to render them with the model's chat template"
+                if _is_chat(value) else "set field to a column of text")
+        raise StagediffError(f"dataset {cfg.path}: field {cfg.field!r} holds a {type(value).__name__}, not text ({str(value)[:80]!r}): {hint}")
+    if not _is_chat(value):
+        raise StagediffError(f"dataset {cfg.path}: field {cfg.field!r} holds {str(value)[:80]!r}, not chat messages "
+                             "(a list of {role, content}): set field to the messages column, or chat_template: false for text")
+    if not getattr(tokenizer, "chat_template", None):
+        raise StagediffError(f"dataset {cfg.path} has chat_template: true but the model's tokenizer has no chat template: "
+                             "use a chat (instruct) model's tokenizer, or render the messages to text yourself")
+    text = tokenizer.apply_chat_template(list(value), tokenize=False)
+    bos = tokenizer.bos_token
+    # windows start with BOS themselves; one inside the stream would be an outlier activation mid-window
+    return text[len(bos):] if bos and text.startswith(bos) else text
+
+
+def _is_chat(value) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in value))
 
 
 def resolve_format(cfg: DataConfig) -> str:
@@ -228,7 +263,8 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
             if not isinstance(obj, dict) or field not in obj:
                 keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
                 raise StagediffError(f"{path} line {n} has no field {field!r} (available: {keys}): set field to the text key")
-            yield str(obj[field])
+            if obj[field] is not None:
+                yield obj[field]
 
 
 def _read_parquet(path: Path, field: str) -> Iterator[str]:
@@ -243,40 +279,54 @@ def _read_parquet(path: Path, field: str) -> Iterator[str]:
     for batch in pf.iter_batches(columns=[field], batch_size=1024):
         for t in batch.column(0).to_pylist():
             if t is not None:
-                yield str(t)
+                yield t
 
 
-def _read_hf(cfg: DataConfig) -> Iterator[str]:
+def _read_hf(cfg: DataConfig) -> Iterator:
+    """Rows' `cfg.field` of a `save_to_disk` folder, or of `load_dataset` (hub id, local data folder), streamed for hub ids."""
     try:
         import datasets
     except ImportError:
-        raise StagediffError("reading Hugging Face datasets needs the datasets package: pip install datasets") from None
+        raise StagediffError("reading Hugging Face datasets needs the datasets package: pip install 'stagediff[data]'") from None
+    if not sys.stderr.isatty():  # its per-file bars would fill a log (ours print one line every few seconds)
+        datasets.disable_progress_bars()
     path = Path(cfg.path).expanduser()
+    saved = path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+    what = f"dataset {cfg.path}" + (f" ({cfg.name})" if cfg.name else "") + f" split {cfg.split!r}"
     try:
-        if path.exists():
+        if saved:
             ds = datasets.load_from_disk(str(path))
             if isinstance(ds, datasets.DatasetDict):
                 if cfg.split not in ds:
                     raise StagediffError(f"dataset {cfg.path} has no split {cfg.split!r} (splits: {', '.join(ds)}): set split")
                 ds = ds[cfg.split]
         else:
-            ds = datasets.load_dataset(cfg.path, split=cfg.split)
+            streaming = not path.exists() if cfg.streaming is None else cfg.streaming  # a hub id streams: no full download first
+            ds = datasets.load_dataset(cfg.path, cfg.name, split=cfg.split, revision=cfg.revision,
+                                       data_files=cfg.data_files, streaming=streaming)
     except StagediffError:
         raise
     except Exception as e:
-        raise StagediffError(f"could not load dataset {cfg.path} split {cfg.split!r} ({type(e).__name__}: {e})") from None
-    if cfg.field not in ds.column_names:
-        raise StagediffError(f"dataset {cfg.path} has no column {cfg.field!r} (available: {', '.join(ds.column_names)}): set field")
-    for row in ds.select_columns([cfg.field]):
+        offline = " (HF_HUB_OFFLINE=1 is set: only cached datasets load)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise StagediffError(f"could not load {what} ({type(e).__name__}: {str(e)[:300]}){offline}: check path, name "
+                             "(the dataset's config), split, revision and data_files") from None
+    columns = ds.column_names
+    if columns is not None and cfg.field not in columns:
+        raise StagediffError(f"{what} has no column {cfg.field!r} (available: {', '.join(columns)}): set field")
+    for row in ds:
+        if cfg.field not in row:
+            raise StagediffError(f"{what} has no column {cfg.field!r} (available: {', '.join(row)}): set field")
         if row[cfg.field] is not None:
-            yield str(row[cfg.field])
+            yield row[cfg.field]
 
 
 def data_fingerprint(cfg: DataConfig) -> str:
     """A stable fingerprint of a dataset: its settings plus the sha256 of every local file."""
     path = Path(cfg.path).expanduser()
     files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
-    return fingerprint({"format": resolve_format(cfg), "field": cfg.field, "split": cfg.split,
+    # the hf options enter only when set, so fingerprints of runs from before they existed stay the same
+    options = {k: getattr(cfg, k) for k in ("name", "revision", "data_files", "chat_template") if getattr(cfg, k)}
+    return fingerprint({"format": resolve_format(cfg), "field": cfg.field, "split": cfg.split, **options,
                         "path": cfg.path if not files else None,  # only a hub dataset is known by its name
                         "files": [(str(f.relative_to(path)) if path.is_dir() else f.name, sha256_file(f)) for f in files]})
 

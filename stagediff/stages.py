@@ -17,6 +17,7 @@ is described with explicit `model`, `data` and `parent` keys under `stages:`.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +65,11 @@ def stage_seed(seed: int, name: str) -> int:
     batch order (F_via_D and F_via_M on the same store would otherwise see identical batches, and
     the optimizer noise they share would pass the "rotated on both axes" test)."""
     return int(hashlib.sha256(f"{seed}/{name}".encode()).hexdigest()[:15], 16)
+
+
+def is_control(name: str) -> bool:
+    """Whether a stage name is a control continuation (D_ctl0, ...): trained for the diff's noise standing only."""
+    return re.fullmatch(rf".+{CONTROL}\d+", name) is not None
 
 
 def control_names(start: str, controls: int) -> list[str]:
@@ -154,12 +160,13 @@ def store_dir(run_dir: Path, model: str, data: str) -> Path:
     return Path(run_dir) / "activations" / store_name(model, data)
 
 
-def paired_store_dirs(run_dir: Path) -> list[Path]:
-    """The (base, fine-tuned) stores over the fine-tune data: rows aligned token for token.
+def paired_store_dirs(run_dir: Path, data: str = "finetune") -> list[Path]:
+    """The (base, fine-tuned) stores over one dataset: rows aligned token for token.
 
-    The crosscoder trains on them and the activation-difference baseline compares them.
+    The crosscoder trains on both datasets' pairs; the activation-difference baseline compares
+    the fine-tune data's pair.
     """
-    return [store_dir(run_dir, m, "finetune") for m in ("base", "finetuned")]
+    return [store_dir(run_dir, m, data) for m in ("base", "finetuned")]
 
 
 def _topological(stages: dict[str, Stage]) -> list[Stage]:

@@ -21,7 +21,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor
@@ -62,10 +62,12 @@ def train_sae(
     device: torch.device | str = "cpu",
     metadata: dict | None = None,
     sae_class: type[SAE] = SAE,
+    on_record: Callable[[dict], None] | None = None,
 ) -> SAE:
     """Train (or fine-tune from `parent`) one stage's SAE on `tokens` activation rows; save it in `out_dir`.
 
     `sae_class` lets a variant with its own loss (e.g. the crosscoder's L1) reuse this loop.
+    `on_record` gets each train_log.jsonl record as it is written (experiment trackers).
 
     Writes cfg.json + sae_weights.safetensors + sparsity.safetensors (SAELens layout),
     stats.json and train_log.jsonl. Returns the trained SAE (or the saved one, if finished).
@@ -136,6 +138,8 @@ def train_sae(
             if main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
+                if on_record is not None:
+                    on_record(rec)
             bar.set_postfix(mse=f"{rec['mse']:.3g}", ev=f"{rec['explained_variance']:.3f}", l0=f"{rec['l0']:.1f}",
                             dead=f"{rec['dead_fraction']:.2f}")
         if st.step % cfg.checkpoint_every == 0 and st.step < steps:

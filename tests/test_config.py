@@ -1,5 +1,8 @@
 """Config loading: defaults, YAML, overrides, and errors that name the bad key."""
 
+import dataclasses
+import typing
+
 import pytest
 
 from stagediff.config import Config, dump_config, load_config, to_dict
@@ -51,3 +54,55 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_default_config_is_a_config():
     assert isinstance(load_config(None, []), Config)
+
+
+def test_string_keys_take_the_override_text_as_written():
+    cfg = load_config(None, ["organism.trigger=Status: live", "organism.response=[no]", "base_model=123",
+                             "stages.S.from_pretrained=null", "finetuned_model=#x"])
+    assert cfg.organism.trigger == "Status: live"  # YAML would make it a mapping
+    assert cfg.organism.response == "[no]" and cfg.base_model == "123" and cfg.finetuned_model == "#x"
+    assert cfg.stages["S"].from_pretrained is None  # an optional string still takes null
+    assert load_config(None, ['organism.trigger="quoted"']).organism.trigger == "quoted"
+    with pytest.raises(StagediffError, match="must be a number"):
+        load_config(None, ["sae.k=Status: live"])  # typed keys still parse YAML and are checked
+
+
+def test_saelens_names_are_read_with_a_note(tmp_path, capsys):
+    src = tmp_path / "c.yaml"
+    src.write_text("hook_name: blocks.2.hook_resid_post\ntraining_tokens: 12345\nbase_data: {path: a.jsonl, text_column: body}\n"
+                   "datasets: {extra: {path: b.jsonl, text_column: content}}\nharvest: {store_dtype: bfloat16}\n")
+    cfg = load_config(src, ["expansion_factor=8", "finetune_data.text_column=msg"])
+    assert cfg.hook == "blocks.2.hook_resid_post" and cfg.stages["S"].tokens == 12345
+    assert cfg.stages["D"].tokens == 500_000  # the other stages keep their defaults
+    assert cfg.base_data.field == "body" and cfg.datasets["extra"].field == "content" and cfg.finetune_data.field == "msg"
+    assert cfg.sae.expansion_factor == 8 and cfg.harvest.dtype == "bfloat16"
+    err = capsys.readouterr().err
+    assert "hook_name (SAELens's name) as hook" in err and "training_tokens" in err
+    src.write_text("hook_name: blocks.2.hook_resid_post\nhook: blocks.3.hook_resid_post\n")
+    with pytest.raises(StagediffError, match="both hook_name and hook"):
+        load_config(src)
+
+
+def test_config_command_prints_every_key_with_default_and_doc(tmp_path, capsys):
+    import yaml
+
+    from stagediff.cli import main
+    from stagediff.config import field_docs
+
+    assert main(["config", "sae.k=16", "organism.trigger=Status: live"]) == 0
+    text = capsys.readouterr().out
+    assert "  k: 16  # default 32; active features per token" in text
+    assert "  d_sae: 4096  # default 4096" in text and "    tokens: 2000000  # default 2000000" in text
+    resolved = yaml.safe_load(text)  # valid YAML a user can save and edit
+    assert to_dict(load_config(None, base=resolved)) == to_dict(load_config(None, ["sae.k=16", "organism.trigger=Status: live"]))
+    for cls in (Config, type(Config().sae), type(Config().base_data)):  # every key of these sections is documented
+        hints = typing.get_type_hints(cls)
+        docs, fields = field_docs(cls), [f.name for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(hints[f.name])]
+        assert all(docs.get(f) for f in fields), [f for f in fields if not docs.get(f)]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dump_config(load_config(None, ["seed=7"]), run_dir / "config.yaml")
+    assert main(["config", str(run_dir)]) == 0 and "seed: 7  # default 0" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("stagediff ")

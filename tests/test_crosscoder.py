@@ -49,6 +49,16 @@ def _write_store(path, acts: torch.Tensor, shard_rows: int = 2048) -> None:
                                         "complete": True})
 
 
+def _write_pairs(run, base: torch.Tensor, ft: torch.Tensor) -> None:
+    """The four stores the crosscoder reads: both models over the fine-tune data, and over the base data
+    (here other rows of the same two models, in another order)."""
+    _write_store(run / "activations" / "base__finetune", base)
+    _write_store(run / "activations" / "finetuned__finetune", ft)
+    perm = torch.randperm(len(base), generator=torch.Generator().manual_seed(1))
+    _write_store(run / "activations" / "base__base", base[perm])
+    _write_store(run / "activations" / "finetuned__base", ft[perm])
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny matrices: with 2 threads on a busy 2-core machine, thread hand-offs cost more than the maths."""
@@ -71,8 +81,7 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("cc")
     base, ft, Q = _paired_acts()
-    _write_store(run / "activations" / "base__finetune", base)
-    _write_store(run / "activations" / "finetuned__finetune", ft)
+    _write_pairs(run, base, ft)
     out = train_crosscoder(run, _config(**{"crosscoder.latent_scaling": "true"}))
     torch.set_num_threads(n)
     return run, out, Q
@@ -125,8 +134,9 @@ def test_outputs_and_relative_norm_ranking(trained, tmp_path):
     cfg = json.loads((out / "cfg.json").read_text())
     meta = cfg["metadata"]["crosscoder"]
     assert cfg["d_in"] == 2 * D and meta["d_model"] == D
-    # each model normalised on its own to mean norm sqrt(d)
+    # each model normalised on its own to mean norm sqrt(d), measured on the base data (the first half)
     base, ft, _ = _paired_acts()
+    base, ft = base[: ROWS // 2], ft[: ROWS // 2]
     assert meta["scale_base"] == pytest.approx(D**0.5 / base.norm(dim=1).mean().item(), rel=1e-5)
     assert meta["scale_ft"] == pytest.approx(D**0.5 / ft.norm(dim=1).mean().item(), rel=1e-5)
     png = (out / "relative_norm.png").read_bytes()
@@ -178,8 +188,7 @@ def test_l1_penalty_uses_sum_of_per_model_norms():
 
 def test_l1_variant_end_to_end(tmp_path):
     base, ft, Q = _paired_acts(seed=1)
-    _write_store(tmp_path / "activations" / "base__finetune", base)
-    _write_store(tmp_path / "activations" / "finetuned__finetune", ft)
+    _write_pairs(tmp_path, base, ft)
     cfg = _config(**{"crosscoder.architecture": "l1", "crosscoder.l1_coefficient": 0.5, "crosscoder.tokens": 256 * 500})
     out = train_crosscoder(tmp_path, cfg)
     W = SAE.load(out).W_dec.detach()
@@ -192,3 +201,38 @@ def test_l1_variant_end_to_end(tmp_path):
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(StagediffError, match="harvest"):
         train_crosscoder(tmp_path, _config())
+
+
+def test_latent_scaling_nu_is_zero_for_ft_only_and_one_for_shared(tmp_path):
+    """Both models carry 12 shared features and 4 of their own (orthogonal directions, same code statistics),
+    so each is normalised alike: ν ≈ 1 for a shared latent, ≈ 0 for a fine-tune-only one. With
+    `latent_scaling` off, features.csv still carries the Latent Scaling ranking beside the decoder-norm one."""
+    d, n_own = N_SHARED + 2 * N_FT, N_FT
+    g = torch.Generator().manual_seed(3)
+    Q = torch.linalg.qr(torch.randn(d, d, generator=g))[0].T  # 12 shared, 4 fine-tune-only, 4 base-only
+    codes = (torch.rand(ROWS, d, generator=g) < 0.15) * (0.5 + 1.5 * torch.rand(ROWS, d, generator=g))
+    shared = codes[:, :N_SHARED] @ Q[:N_SHARED]
+    ft_dirs, base_dirs = Q[N_SHARED: N_SHARED + n_own], Q[N_SHARED + n_own:]
+    base, ft = shared + codes[:, N_SHARED + n_own:] @ base_dirs, shared + codes[:, N_SHARED: N_SHARED + n_own] @ ft_dirs
+    _write_pairs(tmp_path, base, ft)
+    out = train_crosscoder(tmp_path, _config(**{"crosscoder.d_sae": 32, "crosscoder.k": 4}))
+    cols = read_features(out / "features.csv")
+    for c in ("score_relative_norm", "rank_relative_norm", "score_latent_scaling", "rank_latent_scaling", "nu"):
+        assert c in cols, c
+    np.testing.assert_array_equal(cols["rank"], cols["rank_relative_norm"])  # latent_scaling off: ranks by decoder norm
+    W = SAE.load(out).W_dec.detach()
+    ft_only = []
+    for v in ft_dirs:
+        i, c = _match(W, torch.cat([torch.zeros(d), v]))
+        assert c > 0.9, f"ft-only direction not learned (best cosine {c:.3f})"
+        assert abs(cols["nu"][i]) < 0.1, cols["nu"][i]
+        ft_only.append(i)
+    shared_nu = []
+    for v in Q[:N_SHARED]:
+        i, c = _match(W, torch.cat([v, v]))
+        if c > 0.9:
+            shared_nu.append(cols["nu"][i])
+    assert len(shared_nu) >= N_SHARED - 4  # (a few shared features end up split at this small budget)
+    assert all(0.9 < nu < 1.1 for nu in shared_nu), shared_nu
+    # the Latent Scaling ranking puts the fine-tune-only latents first
+    assert sorted(cols["rank_latent_scaling"][ft_only]) == list(range(1, n_own + 1))

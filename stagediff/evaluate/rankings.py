@@ -40,10 +40,12 @@ def top_k(scores: np.ndarray, live: np.ndarray, k: int) -> np.ndarray:
     return from_scores("", scores, live, np.zeros(0, np.int64), "").ranking[:k]
 
 
-def stagewise_methods(table: dict[str, np.ndarray], percentile: float, threshold: float, vector: str = "decoder") -> dict[str, Method]:
+def stagewise_methods(table: dict[str, np.ndarray], percentile: float, threshold: float, vector: str = "decoder",
+                      noise_multiple: float = 3.0) -> dict[str, Method]:
     """From diff/features.csv: stagewise (the run's selection and score), its percentile and
-    threshold variants (diff.select, same score family), and each rotation alone
-    (d_to_f, m_to_f, s_to_f = mean of S->F_via_D and S->F_via_M), selected below the percentile of that axis."""
+    threshold variants (diff.select, same score family), the noise-floor variant when the run
+    has a noise control, and each rotation alone (d_to_f, m_to_f, s_to_f = mean of S->F_via_D
+    and S->F_via_M), selected below the percentile of that axis."""
     kind = "dec" if vector == "decoder" else "enc"
     cols = {k: cos_column(kind, *e) for k, e in
             {"x": ("D", "F_via_D"), "y": ("M", "F_via_M"), "sd": ("S", "F_via_D"), "sm": ("S", "F_via_M")}.items()}
@@ -60,6 +62,11 @@ def stagewise_methods(table: dict[str, np.ndarray], percentile: float, threshold
         sel = select([x, y], live, selection=rule, percentile=percentile, threshold=threshold)
         words = f"both axes below their {percentile:g}th percentile" if rule == "percentile" else f"both axes below {threshold:g}"
         out[name] = from_scores(name, sel["score"], live, ids[sel["selected"]], words)
+    multiples = [table.get(f"noise_multiple_{a}") for a in ("x", "y")]
+    if all(m is not None for m in multiples):  # rotation over the noise floor on both axes
+        score = np.minimum(*multiples) / noise_multiple
+        out["stagewise_noise"] = from_scores("stagewise_noise", score, live, ids[live & (score >= 1)],
+                                             f"rotation >= {noise_multiple:g} x noise floor on both axes")
     s_to_f = (table[cols["sd"]] + table[cols["sm"]]) / 2
     for name, cos in (("d_to_f", x), ("m_to_f", y), ("s_to_f", s_to_f)):
         sel = select([cos], live, selection="percentile", percentile=percentile)

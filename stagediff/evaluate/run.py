@@ -1,12 +1,17 @@
-"""`evaluate_run`: labels -> every method scored the same way -> causal checks -> eval/metrics.json.
+"""`evaluate_run`: paired labels -> every method scored alike, with intervals -> causal checks -> eval/metrics.json.
 
 Order of work:
-1. held-out examples (RUN/data/heldout.jsonl) -> one window each, flags at/after the trigger;
-2. the fine-tuned model's residual at the hook on them, encoded by F_via_D and F_via_M ->
-   relevance labels per dictionary (the final label is "relevant in either");
-3. stage-wise rankings from diff/features.csv, the activation-difference baseline (S's
-   features, mean activation on the fine-tune data, fine-tuned minus base model), the
-   crosscoder (its own latents, labelled on paired held-out activations);
+1. held-out examples (RUN/data/heldout.jsonl), matched (triggered, clean) pairs of the same prompt;
+   in a null run (`organism.null`) both copies carry the clean answer, as a model without the
+   backdoor would reply;
+2. the fine-tuned model's residual at the hook on them, encoded by F_via_D and F_via_M -> one
+   paired label per feature identity (labels.py), its false-positive rate from a permutation null;
+   the top-context and string rules as secondary labels;
+3. rankings: stage-wise (the run's selection and its variants), D->F, M->F, S->F, the activation
+   difference (read with the same F dictionaries), the oracle (the label's own statistic), and the
+   crosscoder (its latents labelled by the same paired rule on paired held-out activations);
+   each scored over the judged features at its own selection, at equal k and at the size
+   stage-wise selects, with exact intervals and p-values against the base rate (metrics.py);
 4. clamp / steer / clean-loss with the `eval.causal_stage` dictionary spliced in.
 """
 
@@ -24,10 +29,12 @@ from stagediff.contexts import scan_features
 from stagediff.diff import read_features
 from stagediff.errors import StagediffError
 from stagediff.evaluate import causal
-from stagediff.evaluate.labels import HeldOut, heldout_activations, heldout_windows, relevance, rule_text
+from stagediff.evaluate.labels import (HeldOut, PairedLabel, heldout_activations, heldout_windows, paired_relevance,
+                                      paired_rule_text, relevance, rule_text, span_means)
 from stagediff.evaluate.metrics import method_metrics
 from stagediff.evaluate.rankings import Method, from_scores, stagewise_methods, top_k
 from stagediff.files import read_json, write_json
+from stagediff.organism.backdoor import with_answer
 from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
 from stagediff.stages import paired_store_dirs, stage_dir
 
@@ -60,7 +67,8 @@ def organism_info(run_dir: Path, cfg: Config) -> dict:
     return out
 
 
-def _label_dictionary(sae: Any, rows: torch.Tensor, held: HeldOut, tokenizer: Any, org: dict, cfg: Config, name: str):
+def _secondary_labels(sae: Any, rows: torch.Tensor, held: HeldOut, tokenizer: Any, org: dict, cfg: Config, name: str):
+    """The top-context and string rules of one dictionary (secondary labels), and its scan (firing counts, sums)."""
     e = cfg.eval
     scan = scan_features(sae, rows, n=e.top_contexts, desc=f"top contexts {name}")
     lab = relevance(scan, held, tokenizer, org["trigger"], org["response"],
@@ -68,25 +76,36 @@ def _label_dictionary(sae: Any, rows: torch.Tensor, held: HeldOut, tokenizer: An
     return scan, lab
 
 
-def _activation_diff(run_dir: Path, cfg: Config, live: np.ndarray) -> np.ndarray | None:
-    """Per S feature: mean activation on fine-tune data under the fine-tuned model minus under the base model."""
+def _paired_label(means: list[torch.Tensor], held: HeldOut, cfg: Config) -> PairedLabel:
+    e = cfg.eval
+    return paired_relevance(means, held, alpha=e.label_alpha, min_pairs=e.label_min_pairs, min_ratio=e.label_min_ratio,
+                            max_fpr=e.label_max_fpr, permutations=e.label_permutations, seed=cfg.seed)
+
+
+def _activation_diff(run_dir: Path, cfg: Config, saes: dict[str, Any]) -> np.ndarray | None:
+    """Per feature: mean activation on the fine-tune data under the fine-tuned model minus under the base model.
+
+    Read with the dictionaries whose labels score it (F_via_D and F_via_M, averaged), on the
+    paired fine-tune-data stores (same tokens for both models).
+    """
     from stagediff.activations import ActivationStore
-    from stagediff.sae import SAE
 
     paths = paired_store_dirs(run_dir)
     if not all((p / "manifest.json").exists() for p in paths):
         return None
-    sae = SAE.load(stage_dir(run_dir, "S"))
-    means = []
-    for m, p in zip(("base", "finetuned"), paths):
-        scan = scan_features(sae, ActivationStore(p), n=1, max_rows=cfg.eval.activation_rows, desc=f"S on {m} model")
-        means.append(scan.sums.numpy() / max(scan.rows, 1))
-    return means[1] - means[0]
+    diffs = []
+    for name, sae in saes.items():
+        means = []
+        for m, p in zip(("base", "finetuned"), paths):
+            scan = scan_features(sae, ActivationStore(p), n=1, max_rows=cfg.eval.activation_rows, desc=f"{name} on {m} model")
+            means.append(scan.sums.numpy() / max(scan.rows, 1))
+        diffs.append(means[1] - means[0])
+    return np.mean(diffs, axis=0)
 
 
 def _crosscoder(run_dir: Path, cfg: Config, base_rows: torch.Tensor, ft_rows: torch.Tensor, held: HeldOut,
-                tokenizer: Any, org: dict, k_match: int) -> tuple[Method, dict]:
-    """The crosscoder's latents: labelled on its encoding of paired held-out activations, ranked by its score."""
+                k_match: int) -> tuple[Method, PairedLabel]:
+    """The crosscoder's latents: labelled by the paired rule on its encoding of paired held-out rows, ranked by its score."""
     from stagediff.crosscoder import crosscoder_scores
     from stagediff.sae import SAE
 
@@ -97,10 +116,7 @@ def _crosscoder(run_dir: Path, cfg: Config, base_rows: torch.Tensor, ft_rows: to
         raise StagediffError(f"{folder / 'cfg.json'} lacks metadata.crosscoder.scale_base/scale_ft: retrain it (stagediff crosscoder RUN)")
     # the crosscoder reads [x_base * scale_base, x_ft * scale_ft] (crosscoder.py's layout)
     pairs = torch.cat([base_rows * float(meta["scale_base"]), ft_rows * float(meta["scale_ft"])], -1)
-    e = cfg.eval
-    scan = scan_features(cc, pairs, n=e.top_contexts, desc="top contexts crosscoder")
-    lab = relevance(scan, held, tokenizer, org["trigger"], org["response"],
-                    top_contexts=e.top_contexts, relevant_share=e.relevant_share, min_fires=e.min_fires)
+    label = _paired_label([span_means(cc, pairs, held)], held, cfg)
     scores = np.asarray(crosscoder_scores(run_dir), dtype=np.float64)
     table = read_features(folder / "features.csv")
     live = ~table["dead"] & np.isfinite(scores)
@@ -108,15 +124,62 @@ def _crosscoder(run_dir: Path, cfg: Config, base_rows: torch.Tensor, ft_rows: to
     words = f"relative decoder norm >= {RELATIVE_NORM_CUT}"
     if sel.size == 0:  # no fine-tuned-exclusive latent: compare as many top latents as stage-wise selects
         sel, words = top_k(scores, live, k_match), f"no latent reached relative norm {RELATIVE_NORM_CUT}: top {k_match} by score"
-    return from_scores("crosscoder", scores, live, sel, words), lab
+    return from_scores("crosscoder", scores, live, sel, words), label
 
 
-def _table(methods: dict[str, dict]) -> str:
-    cols = ["selected", "precision", "base_rate", "enrichment", "ap", "p_at_10", "p_at_50", "live"]
-    fmt = lambda v: "-" if v is None else (f"{v:d}" if isinstance(v, int) else f"{v:.3f}")  # noqa: E731
-    lines = [f"{'method':<22}" + "".join(f"{c:>11}" for c in cols)]
+def _base_rows(cfg: Config, held: HeldOut, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The base model's residual on the held-out windows (for the baselines that read both models)."""
+    from stagediff.models import load_model
+
+    base_model, _ = load_model(cfg.base_model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    return heldout_activations(base_model, held, cfg.hook, cfg.harvest.batch_size)
+
+
+def _diffsae(run_dir: Path, cfg: Config, base_rows: torch.Tensor, ft_rows: torch.Tensor, held: HeldOut,
+             k_match: int) -> tuple[Method, PairedLabel]:
+    """The diff-SAE's latents: labelled by the paired rule on its encoding of ft - base held-out rows, ranked by its score."""
+    from stagediff.diffsae import diffsae_scores
+    from stagediff.sae import SAE
+
+    sae = SAE.load(run_dir / "diffsae")
+    label = _paired_label([span_means(sae, ft_rows - base_rows, held)], held, cfg)
+    scores = np.asarray(diffsae_scores(run_dir), dtype=np.float64)
+    live = np.isfinite(scores)
+    return from_scores("diffsae", scores, live, top_k(scores, live, k_match),
+                       f"top {k_match} (as many as stage-wise selects) by firing rate x mean activation on the difference"), label
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.{digits}f}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def _ci(m: dict, key: str, ci: str, digits: int = 2) -> str:
+    v, iv = m.get(key), m.get(ci)
+    if v is None:
+        return "-"
+    return f"{v:.{digits}f} [{_fmt(iv[0], digits)}, {_fmt(iv[1], digits)}]" if iv else f"{v:.{digits}f}"
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else (f"{p:.3f}" if p >= 1e-3 else f"{p:.0e}")
+
+
+def format_table(methods: dict[str, dict]) -> str:
+    """The method comparison as printed: own selection with intervals, AP with interval, precision at equal k."""
+    ks = [k for k in next(iter(methods.values()), {}).get("at_k", {})]
+    head = f"{'method':<21}{'sel':>5}  {'precision [95% CI]':<20}{'enrichment [CI]':<22}{'p':>8}  {'AP [95% CI]':<20}{'AP/base':>8}"
+    head += "".join(f"{'@' + k:>8}" for k in ks)
+    lines = [head]
     for name, m in methods.items():
-        lines.append(f"{name:<22}" + "".join(f"{fmt(m[c]):>11}" for c in cols))
+        row = f"{name:<21}{m['selected']:>5}  {_ci(m, 'precision', 'precision_ci'):<20}{_ci(m, 'enrichment', 'enrichment_ci', 1):<22}"
+        row += f"{_p(m.get('p_value')):>8}  "
+        row += f"{_ci(m, 'ap', 'ap_ci'):<20}{_fmt(m.get('ap_ratio'), 1):>8}"
+        row += "".join(f"{_fmt(m['at_k'][k]['precision'], 2):>8}" for k in ks)
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -129,77 +192,95 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     e = cfg.eval
     seed_everything(cfg.seed)
     org = organism_info(run_dir, cfg)
+    null = bool(cfg.organism is not None and cfg.organism.null)
     examples = read_heldout(run_dir, e.examples)
+    if null:  # a model without the backdoor answers the triggered prompt with the clean answer
+        examples = [with_answer(x) for x in examples]
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.harvest.model_dtype, device)
 
-    # 1. labels: the fine-tuned model on held-out windows, read by each F dictionary
+    # 1. labels: the fine-tuned model on the paired held-out windows, read by both F dictionaries
     ft_model, tokenizer = load_model(cfg.finetuned_model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     held = heldout_windows(examples, tokenizer, cfg.context_size, cfg.prepend_bos)
     ft_rows = heldout_activations(ft_model, held, cfg.hook, cfg.harvest.batch_size)
     saes = {s: SAE.load(stage_dir(run_dir, s)) for s in F_STAGES}
-    scans, labs = {}, {}
+    label = _paired_label([span_means(saes[s], ft_rows, held) for s in F_STAGES], held, cfg)
+    scans, secondary = {}, {}
     for s in F_STAGES:
-        scans[s], labs[s] = _label_dictionary(saes[s], ft_rows, held, tokenizer, org, cfg, s)
-    relevant = labs["F_via_D"]["relevant"] | labs["F_via_M"]["relevant"]
-    string = labs["F_via_D"]["string"] | labs["F_via_M"]["string"]
-    label_sets = {"either": relevant, "F_via_D": labs["F_via_D"]["relevant"], "F_via_M": labs["F_via_M"]["relevant"], "string": string}
+        scans[s], secondary[s] = _secondary_labels(saes[s], ft_rows, held, tokenizer, org, cfg, s)
+    top_rule = secondary["F_via_D"]["relevant"] | secondary["F_via_M"]["relevant"]
+    string = secondary["F_via_D"]["string"] | secondary["F_via_M"]["string"]
 
-    # 2. rankings
+    # 2. rankings: stage-wise variants, single trajectories, activation difference, oracle, crosscoder
     table = read_features(run_dir / "diff" / "features.csv")
-    methods = stagewise_methods(table, cfg.diff.percentile, cfg.diff.threshold, cfg.diff.vector)
+    methods = stagewise_methods(table, cfg.diff.percentile, cfg.diff.threshold, cfg.diff.vector, cfg.diff.noise_multiple)
     live = methods["stagewise"].live
     k_match = max(1, len(methods["stagewise"].selected))
-    adiff = _activation_diff(run_dir, cfg, live)
+    adiff = _activation_diff(run_dir, cfg, saes)
     if adiff is not None:
         methods["activation_diff"] = from_scores("activation_diff", adiff, live, top_k(adiff, live, k_match),
                                                  f"top {k_match} (as many as stage-wise selects) by mean-activation rise")
-    cc = None
+    methods["oracle"] = from_scores("oracle", np.where(label.judged, label.statistic, np.nan), live,
+                                    np.flatnonzero(label.relevant & live), "the label itself: ranked by its sign-test statistic")
+    base_rows, own_labels = None, {}  # own_labels: methods over their own dictionary's latents
     if cfg.crosscoder.enabled and (run_dir / "crosscoder" / "sae_weights.safetensors").exists():
-        base_model, _ = load_model(cfg.base_model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-        base_rows = heldout_activations(base_model, held, cfg.hook, cfg.harvest.batch_size)
-        del base_model
-        cc = _crosscoder(run_dir, cfg, base_rows, ft_rows, held, tokenizer, org, k_match)
-        if cc is not None:
-            methods["crosscoder"] = cc[0]
+        base_rows = _base_rows(cfg, held, device, dtype)
+        methods["crosscoder"], own_labels["crosscoder"] = _crosscoder(run_dir, cfg, base_rows, ft_rows, held, k_match)
+    if (run_dir / "diffsae" / "sae_weights.safetensors").exists():
+        if base_rows is None:
+            base_rows = _base_rows(cfg, held, device, dtype)
+        methods["diffsae"], own_labels["diffsae"] = _diffsae(run_dir, cfg, base_rows, ft_rows, held, k_match)
 
-    def score_all(labels: dict[str, np.ndarray], cc_key: str) -> dict[str, dict]:
-        out = {}
-        for name, m in methods.items():
-            lab = cc[1][cc_key] if name == "crosscoder" else labels
-            out[name] = {**method_metrics(m.ranking, m.selected, lab, m.live), "selection": m.selection}
-        return out
-
-    scored = score_all(relevant, "relevant")
-    by_label = {k: score_all(v, "string" if k == "string" else "relevant") for k, v in label_sets.items() if k != "either"}
+    scored = {}
+    for name, m in methods.items():
+        lab = own_labels.get(name, label)  # the crosscoder and the diff-SAE: their own latents, the same rule
+        scored[name] = {**method_metrics(m.ranking, m.selected, lab.relevant, m.live, judged=lab.judged, scores=m.scores,
+                                         extra_k={"stagewise_k": k_match}, seed=cfg.seed), "selection": m.selection}
+    by_label = {}
+    for key, rel in (("top_contexts", top_rule), ("string", string)):
+        # secondary labels judge a feature when it fires min_fires times in either F dictionary (their own rule)
+        jud = secondary["F_via_D"]["judged"] | secondary["F_via_M"]["judged"]
+        by_label[key] = {n: {**method_metrics(m.ranking, m.selected, rel, m.live, judged=jud, scores=m.scores, seed=cfg.seed),
+                             "selection": m.selection} for n, m in methods.items() if n not in own_labels}
 
     # 3. causal checks with one F dictionary spliced in
     causal_out = _causal_checks(ft_model, tokenizer, saes[e.causal_stage] if e.causal_stage in saes else SAE.load(stage_dir(run_dir, e.causal_stage)),
                                 cfg, examples, org, methods["stagewise"], table, scans.get(e.causal_stage), device)
 
     metrics = {
-        "organism": org,
+        "organism": {**org, "null": null},
         "labels": {
-            "rule": rule_text(e.top_contexts, e.relevant_share, e.min_fires),
-            "string_rule": f"every top token is a substring of ' {org['trigger']} ' or ' {org['response']} ' and one is longer than one character",
-            "params": {"top_contexts": e.top_contexts, "relevant_share": e.relevant_share, "min_fires": e.min_fires,
-                       "examples": len(examples), "triggered": int(held.triggered.sum()), "tokens": int(held.valid.sum())},
+            "rule": paired_rule_text(label, e.label_min_pairs, e.label_min_ratio),
+            "null_false_positive_rate": label.null_fpr,
+            "null_false_positive_rate_max": label.null_fpr_max,
+            "alpha": label.alpha,
+            "secondary_rules": {
+                "top_contexts": rule_text(e.top_contexts, e.relevant_share, e.min_fires),
+                "string": f"every top token is a substring of ' {org['trigger']} ' or ' {org['response']} ' and one is longer than one character",
+            },
+            "params": {"min_pairs": e.label_min_pairs, "alpha": e.label_alpha, "min_ratio": e.label_min_ratio, "max_fpr": e.label_max_fpr,
+                       "permutations": e.label_permutations, "examples": len(examples), "pairs": int(held.pairs.shape[0]),
+                       "tokens": int(held.valid.sum()), "teacher_forced_reply": "clean answer" if null else "backdoor response"},
             "live_features": int(live.sum()),
-            "relevant": int(relevant[live].sum()),
-            "relevant_by_dictionary": {s: int(labs[s]["relevant"][live].sum()) for s in F_STAGES},
-            "relevant_string_rule": int(string[live].sum()),
-            "relevant_features": np.flatnonzero(relevant & live).tolist(),
-            "crosscoder_relevant": None if cc is None else int(cc[1]["relevant"][cc[0].live].sum()),
+            "judged_features": int((label.judged & live).sum()),
+            "unjudged_live_features": int((~label.judged & live).sum()),
+            "relevant": int((label.relevant & live).sum()),
+            "relevant_features": np.flatnonzero(label.relevant & live).tolist(),
+            "relevant_top_context_rule": int((top_rule & live).sum()),
+            "relevant_string_rule": int((string & live).sum()),
+            "own_dictionaries": {n: {"live": int(methods[n].live.sum()), "judged": int((lab.judged & methods[n].live).sum()),
+                                     "relevant": int((lab.relevant & methods[n].live).sum()),
+                                     "null_false_positive_rate": lab.null_fpr} for n, lab in own_labels.items()},
         },
         "methods": scored,
         "methods_by_label": by_label,
         "causal": causal_out,
     }
     write_json(run_dir / "eval" / "metrics.json", metrics)
-    print(f"relevant features: {metrics['labels']['relevant']} of {metrics['labels']['live_features']} live "
-          f"(F_via_D {metrics['labels']['relevant_by_dictionary']['F_via_D']}, F_via_M {metrics['labels']['relevant_by_dictionary']['F_via_M']}, "
-          f"string rule {metrics['labels']['relevant_string_rule']})")
-    print(_table(scored))
+    lab = metrics["labels"]
+    print(f"relevant features: {lab['relevant']} of {lab['judged_features']} judged ({lab['live_features']} live; "
+          f"permutation null labels {lab['null_false_positive_rate']:.2%}){' [null organism]' if null else ''}")
+    print(format_table(scored))
     if causal_out.get("clamp"):
         print("clamp N: " + ", ".join(f"{c['n']}: {c['trigger_success']:.2f} (random {c['random_trigger_success']:.2f})" for c in causal_out["clamp"]))
     return metrics

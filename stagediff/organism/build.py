@@ -63,7 +63,9 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
         raise StagediffError(f"organism.min_trigger_views={org.min_trigger_views} must be at least 1 (default {OrganismConfig.min_trigger_views})")
     org = dataclasses.replace(org, finetune_examples=finetune_examples(org, cfg.eval.examples))
     run_dir = Path(run_dir)
-    key = fingerprint({"organism": to_dict(org), "recipe": _recipe(org.preset), "seed": cfg.seed, "heldout": cfg.eval.examples})
+    # `null` chooses which built model a run diffs, not what is built: not part of the key
+    key = fingerprint({"organism": {k: v for k, v in to_dict(org).items() if k != "null"}, "recipe": _recipe(org.preset),
+                       "seed": cfg.seed, "heldout": cfg.eval.examples})
     done = run_dir / "models" / "organism.json"
     if not (done.exists() and read_json(done).get("fingerprint") == key):
         cached = cache_root() / "organisms" / f"{org.preset}-{key}"

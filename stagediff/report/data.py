@@ -103,6 +103,7 @@ def gather(run_dir: Path, cfg: Config) -> dict[str, Any]:
         "noise_floor": _noise_floor(cols),
         "organism": _read_json_opt(run_dir / "models" / "organism.json") or (metrics or {}).get("organism"),
         "eval": metrics,
+        "null_eval": _read_json_opt(run_dir / "null" / "eval" / "metrics.json"),  # the demo's null run, if any
         "crosscoder": _crosscoder(run_dir),
     }
 

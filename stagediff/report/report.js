@@ -348,7 +348,7 @@ function renderOverview() {
     k.append(kpi(pct(o.trigger_success), `trigger success (“${o.trigger || "?"}”)`), kpi(pct(o.false_trigger), "false trigger (no trigger)"));
   }
   const sw = D.eval && D.eval.methods && D.eval.methods.stagewise;
-  if (sw && isNum(sw.enrichment)) k.append(kpi(`${fmt(sw.enrichment, 1)}×`, "stage-wise enrichment over chance", "sel"));
+  if (sw && isNum(sw.enrichment)) k.append(kpi(`${fmt(sw.enrichment, 1)}×`, `stage-wise enrichment over chance${sw.enrichment_ci ? ` (95% CI ${fmt(sw.enrichment_ci[0], 1)}–${fmt(sw.enrichment_ci[1], 1)}×)` : ""}`, "sel"));
   s.append(k);
 }
 
@@ -433,15 +433,24 @@ function renderEvaluation() {
   }
   const methods = e && e.methods ? Object.entries(e.methods).filter(([, m]) => m && Object.keys(m).length) : [];
   if (methods.length) {
-    const keys = ["selected", "precision", "base_rate", "enrichment", "ap", "p_at_10", "p_at_50"];
-    const better = { precision: 1, enrichment: 1, ap: 1, p_at_10: 1, p_at_50: 1 };
-    const best = {};
-    for (const k of Object.keys(better)) best[k] = Math.max(...methods.map(([, m]) => (isNum(m[k]) ? m[k] : -Infinity)));
-    s.append(el("h3", {}, "Methods against the ground truth" + (e.labels ? ` (${fmt(e.labels.relevant)} relevant of ${fmt(e.labels.live_features)} live features)` : "")));
-    s.append(table(["method", "selected", "precision", "base rate", "enrichment", "avg precision", "P@10", "P@50"],
-      methods.map(([name, m]) => [name, ...keys.map((k) => m[k] ?? null)]),
-      { num: [0, 1, 1, 1, 1, 1, 1, 1], hi: (ri) => methods[ri][0].startsWith("stagewise"), best: (ri, k) => k > 0 && better[keys[k - 1]] && isNum(methods[ri][1][keys[k - 1]]) && methods[ri][1][keys[k - 1]] === best[keys[k - 1]] && best[keys[k - 1]] > 0 }));
-    if (e.labels && e.labels.rule) s.append(el("div", { class: "caption" }, `relevance rule: ${e.labels.rule}`));
+    // every figure with its 95% interval; precision at equal k so methods compare like with like
+    const ci = (m, v, c, d = 2) => (isNum(m[v]) ? `${fmt(m[v], d)}${m[c] ? ` [${fmt(m[c][0], d)}, ${fmt(m[c][1], d)}]` : ""}` : "—");
+    const pv = (p) => (isNum(p) ? (p < 1e-3 ? p.toExponential(0) : fmt(p, 3)) : "—");
+    const ks = Object.keys((methods[0][1].at_k) || {});
+    const nul = D.null_eval && D.null_eval.methods;
+    const headers = ["method", "selected", "precision [95% CI]", "enrichment [CI]", "p vs chance", "AP [95% CI]", "AP / base rate",
+      ...ks.map((k) => `P@${k === "stagewise_k" ? "k(stage-wise)" : k}`), ...(nul ? ["null: P@k(stage-wise)", "null: AP / base"] : [])];
+    const rows = methods.map(([name, m]) => {
+      const n = nul && nul[name];
+      return [name, m.selected, ci(m, "precision", "precision_ci"), ci(m, "enrichment", "enrichment_ci", 1), pv(m.p_value), ci(m, "ap", "ap_ci"),
+        isNum(m.ap_ratio) ? `${fmt(m.ap_ratio, 1)}×` : "—", ...ks.map((k) => (m.at_k[k] && isNum(m.at_k[k].precision) ? fmt(m.at_k[k].precision, 2) : "—")),
+        ...(nul ? [n && n.at_k && n.at_k.stagewise_k ? ci(n.at_k.stagewise_k, "precision", "ci") : "—", n && isNum(n.ap_ratio) ? `${fmt(n.ap_ratio, 1)}×` : "—"] : [])];
+    });
+    const lab = e.labels || {};
+    s.append(el("h3", {}, "Methods against the ground truth" + (lab.judged_features ? ` (${fmt(lab.relevant)} relevant of ${fmt(lab.judged_features)} judged features; ${fmt(lab.unjudged_live_features)} live features fire too rarely on held-out data to judge)` : "")));
+    s.append(el("div", { class: "scroll" }, table(headers, rows, { num: headers.map((_, i) => (i === 0 ? 0 : 1)), hi: (ri) => methods[ri][0] === "stagewise" })));
+    if (lab.rule) s.append(el("div", { class: "caption" }, `relevance rule: ${lab.rule}. Precision intervals are exact (Clopper-Pearson), p-values hypergeometric against the base rate, AP intervals bootstrap over features.` +
+      (nul ? " The null columns are the same pipeline with the control (no backdoor) diffed as the fine-tuned model: a sound method is at chance there (interval holding 1×)." : "")));
   }
   const charts = el("div", { class: "grid2" });
   const causal = (e && e.causal) || {};

@@ -1,0 +1,163 @@
+"""Discovery benchmark: the tiny demo over several seeds, each with its null, every method scored alike.
+
+Each seed is a new organism (new pre-training, new backdoor draw) and new dictionaries; its null
+is the same pipeline with the control (no backdoor) diffed as the fine-tuned model. Per method the
+table shows mean ± sd over seeds of precision at equal k, the enrichment of its own selection, AP
+and AP over the base rate, and how often stage-wise beats it (AP, and precision at the size
+stage-wise selects). A sound method is far above 1x on the real runs and at 1x on the null.
+
+    python benchmarks/bench_discovery.py                          # seeds 0-4, tiny preset, with nulls
+    python benchmarks/bench_discovery.py --seeds 0 1 --out runs/bench sae.batch_size=256   # any override
+
+Run directories are kept (runs/bench-discovery/seed<N>[/null]), so a rerun with other dictionary or
+diff settings reuses the organisms and activations and redoes only what the settings change.
+Writes <out>/discovery.json (mean, sd and per-seed lists of every figure) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stagediff.demo import demo_config  # noqa: E402
+from stagediff.files import write_json  # noqa: E402
+from stagediff.pipeline import STEPS, run_steps  # noqa: E402
+
+FIGURES = ("at_k.10", "at_k.25", "at_k.50", "at_k.stagewise_k", "enrichment", "ap", "ap_ratio")
+
+
+def _get(m: dict, key: str) -> float:
+    for part in key.split("."):
+        m = (m or {}).get(part) if isinstance(m, dict) else None
+    if isinstance(m, dict):  # an at_k entry
+        m = m.get("precision")
+    return float("nan") if m is None else float(m)
+
+
+def run_seed(preset: str, seed: int, out: Path, overrides: list[str], null: bool, causal: bool) -> dict:
+    extra = [f"seed={seed}", *([] if causal else ["eval.causal_examples=0"]), *overrides]
+    runs = {"real": (out / f"seed{seed}", extra)}
+    if null:
+        runs["null"] = (out / f"seed{seed}" / "null", [*extra, "organism.null=true"])
+    result = {}
+    for kind, (run_dir, ov) in runs.items():
+        t = time.time()
+        run_steps(demo_config(preset, ov), run_dir, STEPS[:-1])  # no report: the figures are in metrics.json
+        metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+        result[kind] = {"metrics": metrics, "seconds": round(time.time() - t, 1)}
+    return result
+
+
+def aggregate(per_seed: dict[int, dict], kind: str) -> dict:
+    """{method: {figure: {mean, sd, values}}} over the seeds that have `kind`."""
+    seeds = [s for s in per_seed if kind in per_seed[s]]
+    methods = list(dict.fromkeys(m for s in seeds for m in per_seed[s][kind]["metrics"]["methods"]))
+    out = {}
+    for name in methods:
+        rows = {}
+        for fig in FIGURES:
+            vals = [_get(per_seed[s][kind]["metrics"]["methods"].get(name, {}), fig) for s in seeds]
+            ok = [v for v in vals if math.isfinite(v)]
+            rows[fig] = {"mean": float(np.mean(ok)) if ok else None, "sd": float(np.std(ok, ddof=1)) if len(ok) > 1 else None,
+                         "values": [v if math.isfinite(v) else None for v in vals]}
+        sel = [per_seed[s][kind]["metrics"]["methods"].get(name, {}).get("selected") for s in seeds]
+        rows["selected"] = {"mean": float(np.mean([v for v in sel if v is not None])) if any(v is not None for v in sel) else None,
+                            "values": sel}
+        out[name] = rows
+    return out
+
+
+def beats(per_seed: dict[int, dict], fig: str) -> dict[str, float]:
+    """Share of seeds on which stage-wise is strictly better than each other method on `fig` (real runs)."""
+    out = {}
+    names = list(dict.fromkeys(m for s in per_seed for m in per_seed[s]["real"]["metrics"]["methods"]))
+    for name in names:
+        if name == "stagewise":
+            continue
+        wins = []
+        for s in per_seed:
+            ms = per_seed[s]["real"]["metrics"]["methods"]
+            a, b = _get(ms.get("stagewise", {}), fig), _get(ms.get(name, {}), fig)
+            if math.isfinite(a) and math.isfinite(b):
+                wins.append(a > b)
+        out[name] = float(np.mean(wins)) if wins else None
+    return out
+
+
+def _cell(r: dict, digits: int = 2) -> str:
+    if r.get("mean") is None:
+        return "-"
+    return f"{r['mean']:.{digits}f}±{r['sd']:.{digits}f}" if r.get("sd") is not None else f"{r['mean']:.{digits}f}"
+
+
+def table(agg: dict, wins_ap: dict | None = None, wins_k: dict | None = None) -> str:
+    head = f"{'method':<21}{'sel':>6}{'P@10':>12}{'P@25':>12}{'P@50':>12}{'P@k(sw)':>12}{'enrich':>12}{'AP':>12}{'AP/base':>12}"
+    if wins_ap is not None:
+        head += f"{'sw>AP':>7}{'sw>P@k':>8}"
+    lines = [head]
+    for name, r in agg.items():
+        sel = r["selected"]["mean"]
+        row = f"{name:<21}{'-' if sel is None else f'{sel:.0f}':>6}"
+        row += "".join(f"{_cell(r[f]):>12}" for f in ("at_k.10", "at_k.25", "at_k.50", "at_k.stagewise_k"))
+        row += f"{_cell(r['enrichment'], 1):>12}{_cell(r['ap']):>12}{_cell(r['ap_ratio'], 1):>12}"
+        if wins_ap is not None:
+            w1, w2 = wins_ap.get(name), wins_k.get(name)
+            row += f"{'' if w1 is None else f'{w1:.0%}':>7}{'' if w2 is None else f'{w2:.0%}':>8}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--out", default="runs/bench-discovery")
+    p.add_argument("--no-null", action="store_true", help="skip the null runs")
+    p.add_argument("--causal", action="store_true", help="also run the causal checks (slower; off: eval.causal_examples=0)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args()
+    out = Path(args.out)
+    t0 = time.time()
+    per_seed = {}
+    for s in args.seeds:
+        print(f"\n=== seed {s} ===", flush=True)
+        per_seed[s] = run_seed(args.preset, s, out, args.overrides, not args.no_null, args.causal)
+    real = aggregate(per_seed, "real")
+    wins_ap, wins_k = beats(per_seed, "ap"), beats(per_seed, "at_k.stagewise_k")
+    null = aggregate(per_seed, "null") if not args.no_null else None
+    organisms = {s: {k: per_seed[s]["real"]["metrics"]["organism"].get(k) for k in ("trigger_success", "false_trigger")} for s in per_seed}
+    labels = {s: {kind: {k: r["metrics"]["labels"].get(k) for k in ("relevant", "judged_features", "null_false_positive_rate")}
+                  for kind, r in per_seed[s].items()} for s in per_seed}
+    write_json(out / "discovery.json", {
+        "preset": args.preset, "seeds": args.seeds, "overrides": args.overrides, "real": real, "null": null,
+        "stagewise_beats": {"ap": wins_ap, "at_k.stagewise_k": wins_k}, "organisms": organisms, "labels": labels,
+        "per_seed": {s: {k: v["metrics"] for k, v in r.items()} for s, r in per_seed.items()},
+        "seconds": {s: {k: v["seconds"] for k, v in r.items()} for s, r in per_seed.items()},
+        "wall_seconds": round(time.time() - t0, 1),
+    })
+    print(f"\n{args.preset} preset, seeds {args.seeds}{' ' + ' '.join(args.overrides) if args.overrides else ''}: mean ± sd over seeds "
+          "(precision at equal k over judged features; enrich = own selection's precision / base rate; "
+          "sw>AP, sw>P@k = share of seeds where stage-wise is better)")
+    for s in per_seed:
+        o, lab = organisms[s], per_seed[s]["real"]["metrics"]["labels"]
+        print(f"  seed {s}: trigger success {o['trigger_success']:.1%}, false trigger {o['false_trigger']:.1%}; "
+              f"{lab['relevant']} relevant of {lab['judged_features']} judged (base rate {lab['relevant'] / max(1, lab['judged_features']):.3f}, "
+              f"permutation null {lab['null_false_positive_rate']:.2%})")
+    print("\nreal organisms")
+    print(table(real, wins_ap, wins_k))
+    if null is not None:
+        print("\nnull (the control diffed as the fine-tuned model)")
+        print(table(null))
+    print(f"\nwall time {time.time() - t0:.0f} s; {out / 'discovery.json'}")
+
+
+if __name__ == "__main__":
+    main()
