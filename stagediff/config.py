@@ -83,7 +83,11 @@ class StageConfig:
     """
 
     tokens: int = 0
+    steps: int = 0  # optimizer steps; > 0 overrides tokens (tokens = steps * sae.batch_size)
     lr: float | None = None  # default: sae.lr for a root stage, sae.lr * sae.finetune_lr_scale otherwise
+    # aux-k revives silent features; during a fine-tune that would rotate them with no evidence
+    # from the data, so it is off there unless set (None = on for a root stage, off for fine-tunes)
+    aux_k: bool | None = None
     model: str | None = None  # a key of `models` ("base", "finetuned", or user-named)
     data: str | None = None  # a key of `datasets` ("base", "finetune", or user-named)
     parent: str | None = None  # stage to fine-tune from; None = train from scratch
@@ -105,10 +109,16 @@ def _default_stages() -> dict[str, StageConfig]:
 class DiffConfig:
     """Which features count as candidates and how they are ranked."""
 
-    selection: str = "percentile"  # percentile | threshold | noise
+    selection: str = "fdr"  # fdr | percentile | threshold | noise
+    q: float = 0.1  # false-discovery rate of the selection (selection: fdr)
+    # control continuations per axis: the axis's start stage fine-tuned again on its own store
+    # (D -> D_ctl<j>, M -> M_ctl<j>) with other seeds and the real edge's budget; they give each
+    # feature's noise standing (fdr, noise). 0 = none (then only percentile / threshold work)
+    controls: int = 3
+    min_fires: int = 20  # a feature is ranked only if it fired this often (a count) in both stages of each axis
     percentile: float = 5.0  # percentile of each axis (selection: percentile)
     threshold: float = 0.7  # fixed cosine on both axes (selection: threshold; the paper's value)
-    noise_multiple: float = 3.0  # rotation >= this many times the noise floor (selection: noise)
+    noise_multiple: float = 3.0  # rotation >= this many times the control rotation (selection: noise)
     vector: str = "decoder"  # decoder | encoder: which cosine drives selection and ranking
     min_frequency: float = 1e-6  # firing rate under which a feature counts as dead
     axes: list[list[str]] = field(default_factory=lambda: [["D", "F_via_D"], ["M", "F_via_M"]])
@@ -167,7 +177,6 @@ class EvalConfig:
     reply_tokens: int = 10  # greedy clean-reply tokens compared for "clean reply unchanged"
     steer_k: list[int] = field(default_factory=lambda: [1, 5, 20])  # top-k features steered together
     steer_strengths: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
-    noise_floor: bool = True  # train a control fine-tune of S (another seed) for the noise floor
     causal_examples: int = 100  # triggered (clamp) and clean (steer, loss) held-out prompts for causal checks
     activation_rows: int = 200_000  # activation rows per model read by the activation-difference baseline
     causal_stage: str = "F_via_D"  # the F dictionary spliced into the fine-tuned model for causal checks

@@ -211,9 +211,9 @@ def rank_scores(score: np.ndarray, dead: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def stagewise_tokens(cfg: Config) -> int:
     """The whole stage-wise pipeline's budget: every trained stage's tokens but the noise controls."""
-    from stagediff.stages import NOISE_STAGE, resolve_stages
+    from stagediff.stages import resolve_stages
 
-    return sum(s.tokens for s in resolve_stages(cfg) if not s.from_pretrained and not s.name.startswith(NOISE_STAGE))
+    return sum(s.tokens for s in resolve_stages(cfg) if not s.from_pretrained and s.control_of is None)
 
 
 def crosscoder_tokens(cfg: Config) -> int:

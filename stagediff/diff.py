@@ -8,33 +8,41 @@ any scalar factor; cosines do not see it.
 The headline map has one axis per entry of `diff.axes` (default x = cos(D, F_via_D),
 y = cos(M, F_via_M)); `diff.vector` picks the decoder or encoder cosine for it.
 
-Selection (features low on *every* axis, the bottom-left corner):
+Noise standing (needs `diff.controls` >= 2 control continuations per axis): for an axis a→b
+(b fine-tuned from a), the controls a→a_ctl<j> continue a on its own store with b's budget, lr
+and aux-k and their own seeds: the rotation training alone produces on that edge. Per feature
+    scale_i = max(mean_j ctl_ij, median of that over features of similar firing rate in a)
+(the frequency-matched fallback: a feature whose controls barely moved, e.g. one silent on a's
+data, gets its neighbours' scale, never ~0), t_i = log(rot_i / scale_i). The null distribution
+of t is the controls' own: each control j against the scale of the other r - 1, pooled over the
+ranked features. z_i = (t_i - median) / spread of that null (spread: its 50th-to-84th percentile
+width, the upper tail being what matters), p_i its one-sided normal tail; `p_emp_*` is the
+empirical p-value against the pooled null (calibration check).
+
+Selection (features low on *every* axis, the bottom-left corner), over ranked features:
+- `fdr`:        Benjamini-Hochberg at `q` on p_both = max over axes of p (significant on every
+                axis: an intersection-union test), score = min over axes of z;
 - `percentile`: cos below the p-th percentile of each axis, percentiles over live features;
 - `threshold`:  cos below a fixed value on each axis (the paper's 0.7);
-- `noise`:      rotation 1 − cos at least `noise_multiple` times the feature's noise floor
-                on each axis (needs the control dictionary `saes/S_noise/`).
+- `noise`:      rotation at least `noise_multiple` times the feature's control scale on each axis.
 
-Score (higher = stronger candidate): each axis's rotation divided by the rotation at the
-selection cut, then the minimum over axes:
-    score = min_a (1 − cos_a) / (1 − cut_a)          (percentile, threshold)
-    score = min_a (1 − cos_a) / (noise_multiple · floor)   (noise)
-So a feature is selected exactly when its score passes 1 (> 1; ≥ 1 for noise): every
-selected feature outranks every unselected one, and within either group the feature
-rotated most on its *least* rotated axis comes first (rotated with the model and the data).
-Rank 1 is the best; dead features get score NaN and no rank.
-
-Noise floor (when `saes/S_noise/` exists: S fine-tuned on its own model and data with
-another seed): the rotation training noise alone produces, r0_i = 1 − cos(S_i, S_noise_i).
-One control run gives one noisy sample per feature, so the floor is
-    floor_i = max(r0_i, median of r0 over features of similar firing frequency in S)
-(up to ten equal-count bins of log frequency, at least 20 features each). The per-feature term keeps features that are
-predisposed to drift discounted; the bin median keeps a feature that happened to barely
-move in the one control run from getting a near-zero floor (which would inflate its
-multiple), and binning by frequency respects that rare features drift more than common ones.
+Score (higher = stronger candidate): for fdr min_a z_a, so that the selection is exactly the
+features with score above the BH cut; otherwise each axis's rotation divided by the rotation
+at the selection cut, then the minimum over axes:
+    score = min_a (1 − cos_a) / (1 − cut_a)                (percentile, threshold)
+    score = min_a (1 − cos_a) / (noise_multiple · scale_a)  (noise)
+Every selected feature outranks every unselected one, and within either group the feature
+that stands out most on its *least* rotated axis comes first (rotated with the model and the
+data). Rank 1 is the best; unranked features get score NaN and no rank. Other ways to combine
+the axes are recorded for comparison (score_sum = z_x + z_y, score_product = product of
+rot/scale, score_enc = min z on encoder cosines).
 
 Dead features: firing rate below `diff.min_frequency` in the end stage of every axis
 (F_via_D and F_via_M by default), or a zero vector on an axis. They are marked
 (`dead = True`) and excluded from percentiles, selection and ranking.
+Rare features: fired fewer than `diff.min_fires` times (a count over the last 20% of training
+steps, from sparsity.safetensors and stats.json) in either stage of an axis. Adam moves a
+feature a lot on little evidence, so they are marked (`rare = True`) and not ranked.
 """
 
 from __future__ import annotations
@@ -49,8 +57,9 @@ import torch
 
 from stagediff.config import Config
 from stagediff.errors import StagediffError
-from stagediff.files import atomic_path, atomic_write, load_tensors, write_json
-from stagediff.stages import NOISE_STAGE, resolve_stages, stage_edges
+from stagediff.files import atomic_path, atomic_write, load_tensors, read_json, write_json
+from stagediff.stages import control_names, resolve_stages, stage_edges
+from stagediff.train import FREQ_SHARE
 
 SHORT = {"S": "S", "D": "D", "M": "M", "F_via_D": "FD", "F_via_M": "FM"}
 QUANTILES = {"min": 0.0, "p1": 0.01, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
@@ -88,7 +97,8 @@ def feature_cosines(w_a: dict[str, torch.Tensor], w_b: dict[str, torch.Tensor]) 
 def noise_floor(r0: np.ndarray, freq: np.ndarray | None, bins: int = 10, min_bin: int = 20) -> np.ndarray:
     """Robust per-feature noise floor: max(r0_i, median r0 of features in i's firing-frequency bin).
 
-    r0 = 1 − cos(S, S_noise) per feature; freq = S's firing rate (None: one bin for all).
+    r0 = a rotation training noise alone produced per feature (NaN: not scored); freq = firing
+    rate (None: one bin for all).
     Equal-count bins of log frequency, at most `bins` and each at least `min_bin` features
     (a median of a handful of features would be as noisy as the feature itself).
     """
@@ -107,16 +117,77 @@ def noise_floor(r0: np.ndarray, freq: np.ndarray | None, bins: int = 10, min_bin
     return np.maximum(floor, _EPS)
 
 
+def control_standing(rot: np.ndarray, controls: np.ndarray, ranked: np.ndarray, freq: np.ndarray | None) -> dict:
+    """One axis's rotation per feature against that feature's control rotations.
+
+    rot [n] = 1 − cos on the real edge; controls [n, r] = 1 − cos on the r control continuations
+    (r >= 2); ranked marks the features to score; freq = firing rate in the axis's start stage.
+    Returns per feature (NaN outside `ranked`): ctl (mean control rotation), scale, ratio
+    (rot / scale), z, p (normal tail of z), p_emp (against the pooled null), and the null's
+    `center` and `spread`. See the module docstring.
+    """
+    n, r = controls.shape
+    if r < 2:
+        raise StagediffError(f"a noise standing needs at least 2 control continuations per axis, got {r}: set diff.controls=3")
+    ok = ranked & np.isfinite(rot) & np.isfinite(controls).all(1)
+    ctl = np.clip(controls, 0.0, None)
+    rot = np.clip(rot, 0.0, None)
+
+    def scale_of(c: np.ndarray) -> np.ndarray:
+        return noise_floor(np.where(ok, c.mean(1), np.nan), freq)
+
+    scale = scale_of(ctl)
+    out = {k: np.full(n, np.nan) for k in ("ctl", "scale", "ratio", "z", "p", "p_emp")}
+    if not ok.any():
+        return {**out, "center": float("nan"), "spread": float("nan")}
+    # the null: each control against the scale the *other* controls give (leave one out), so it
+    # carries the same estimation noise as the real rotation against all r (a little more: r − 1)
+    null = np.concatenate([np.log(np.maximum(ctl[ok, j], _EPS) / scale_of(np.delete(ctl, j, axis=1))[ok]) for j in range(r)])
+    center = float(np.median(null))
+    spread = max(float(np.percentile(null, 84.13)) - center, 1e-6)
+    t = np.log(np.maximum(rot[ok], _EPS) / scale[ok])
+    null_sorted = np.sort(null)
+    out["ctl"][ok], out["scale"][ok], out["ratio"][ok] = ctl[ok].mean(1), scale[ok], rot[ok] / scale[ok]
+    out["z"][ok] = (t - center) / spread
+    out["p"][ok] = normal_tail(out["z"][ok])
+    out["p_emp"][ok] = (1 + len(null) - np.searchsorted(null_sorted, t, side="left")) / (1 + len(null))
+    return {**out, "center": center, "spread": spread}
+
+
+def normal_tail(z: np.ndarray) -> np.ndarray:
+    """P(Z >= z) for a standard normal Z, elementwise."""
+    return 0.5 * np.vectorize(math.erfc)(np.asarray(z, dtype=np.float64) / math.sqrt(2.0))
+
+
+def bh_qvalues(p: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg q-values of p over the features in `mask` (NaN elsewhere)."""
+    q = np.full(len(p), np.nan)
+    idx = np.flatnonzero(mask & np.isfinite(p))
+    if not len(idx):
+        return q
+    order = idx[np.argsort(p[idx], kind="stable")]
+    m = len(order)
+    qs = p[order] * m / np.arange(1, m + 1)
+    q[order] = np.minimum(np.minimum.accumulate(qs[::-1])[::-1], 1.0)
+    return q
+
+
 def select(axes_cos: list[np.ndarray], live: np.ndarray, *, selection: str, percentile: float = 5.0,
-           threshold: float = 0.7, noise_multiple: float = 3.0, floor: np.ndarray | None = None) -> dict:
+           threshold: float = 0.7, noise_multiple: float = 3.0, q: float = 0.1,
+           standing: list[dict] | None = None) -> dict:
     """Bottom-left selection and score over the axis cosines (one array per axis).
 
-    Returns {"selected", "score", "rank", "cuts"}: selected is False and score NaN for
-    features that are not live; rank is 1-based (0 = unranked); cuts are the cosine cut per
-    axis (None for noise selection, whose cut is per feature).
+    `standing` (fdr, noise): control_standing() of each axis. Returns {"selected", "score",
+    "rank", "cuts"}: selected is False and score NaN for features not `live`; rank is 1-based
+    (0 = unranked); cuts are the cosine cut per axis (None where the cut is per feature).
+    For fdr also "p_both" and "q_both".
     """
     n = len(live)
     rot = [1.0 - c for c in axes_cos]
+    extra = {}
+    if selection in ("fdr", "noise") and standing is None:
+        raise StagediffError(f"diff.selection={selection} needs the control continuations (diff.controls >= 2, "
+                             "trained by `stagediff train RUN`), or use selection percentile")
     if selection == "percentile":
         if not live.any():
             cuts = [float("nan")] * len(axes_cos)
@@ -129,13 +200,19 @@ def select(axes_cos: list[np.ndarray], live: np.ndarray, *, selection: str, perc
         per_axis = [r / max(1.0 - threshold, _EPS) for r in rot]
         selected = live & np.all([c < threshold for c in axes_cos], axis=0)
     elif selection == "noise":
-        if floor is None:
-            raise StagediffError("diff.selection=noise needs the noise floor (saes/S_noise/): set eval.noise_floor=true and rerun training")
         cuts = None
-        per_axis = [r / (noise_multiple * floor) for r in rot]
-        selected = live & np.all([r >= noise_multiple * floor for r in rot], axis=0)
+        per_axis = [r / (noise_multiple * st["scale"]) for r, st in zip(rot, standing)]
+        selected = live & np.all([np.nan_to_num(v) >= 1.0 for v in per_axis], axis=0)
+    elif selection == "fdr":
+        cuts = None
+        per_axis = [st["z"] for st in standing]
+        live = live & np.all([np.isfinite(v) for v in per_axis], axis=0)
+        p_both = np.max([st["p"] for st in standing], axis=0)
+        q_both = bh_qvalues(p_both, live)
+        selected = live & (q_both <= q)
+        extra = {"p_both": p_both, "q_both": q_both}
     else:
-        raise StagediffError(f"diff.selection={selection!r} is unknown: use percentile, threshold or noise")
+        raise StagediffError(f"diff.selection={selection!r} is unknown: use fdr, percentile, threshold or noise")
     score = np.min(per_axis, axis=0).astype(np.float64)
     score[~live] = np.nan
     rank = np.zeros(n, dtype=np.int64)
@@ -143,7 +220,7 @@ def select(axes_cos: list[np.ndarray], live: np.ndarray, *, selection: str, perc
     # stable sort on -score: ties keep feature order, so ranks are reproducible
     order = live_idx[np.argsort(-score[live_idx], kind="stable")]
     rank[order] = np.arange(1, len(order) + 1)
-    return {"selected": selected, "score": score, "rank": rank, "cuts": cuts}
+    return {"selected": selected, "score": score, "rank": rank, "cuts": cuts, **extra}
 
 
 # ---------------------------------------------------------------- config
@@ -186,6 +263,23 @@ def load_frequency(stage_dir: Path) -> np.ndarray | None:
     if "sparsity" not in t:
         raise StagediffError(f"{path} has no tensor 'sparsity' (log10 firing frequency); delete it and retrain the stage")
     return np.power(10.0, t["sparsity"].double().numpy())  # log10(0) = -inf → 0
+
+
+def load_counts(stage_dir: Path, freq: np.ndarray | None) -> np.ndarray | None:
+    """Firings per feature over the stage's frequency window (the last 20% of its steps), or None if unknown.
+
+    sparsity.safetensors holds log10(count / window_tokens + 1e-10); stats.json says the window
+    (older stages: recomputed from their steps and tokens as train_sae sizes it).
+    """
+    path = stage_dir / "stats.json"
+    if freq is None or not path.exists():
+        return None
+    stats = read_json(path)
+    window = stats.get("window_tokens")
+    if window is None and stats.get("steps"):
+        steps = int(stats["steps"])
+        window = max(1, math.ceil(FREQ_SHARE * steps)) * (int(stats["tokens"]) // steps)
+    return None if not window else np.round(np.maximum(freq - 1e-10, 0.0) * window)
 
 
 def _fmt(v) -> str:
@@ -234,7 +328,8 @@ def read_features(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _scatter(path: Path, x: np.ndarray, y: np.ndarray, dead: np.ndarray, selected: np.ndarray,
-             xlabel: str, ylabel: str, title: str, xcut: float | None = None, ycut: float | None = None) -> None:
+             xlabel: str, ylabel: str, title: str, xcut: float | None = None, ycut: float | None = None,
+             significance: np.ndarray | None = None) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -244,7 +339,13 @@ def _scatter(path: Path, x: np.ndarray, y: np.ndarray, dead: np.ndarray, selecte
     live = ~dead & np.isfinite(x) & np.isfinite(y)
     other = live & ~selected
     ax.scatter(x[dead], y[dead], s=4, c="#cccccc", label=f"dead ({int(dead.sum())})", linewidths=0)
-    ax.scatter(x[other], y[other], s=5, c="#4c72b0", alpha=0.6, label=f"live ({int(other.sum())})", linewidths=0)
+    if significance is None:
+        ax.scatter(x[other], y[other], s=5, c="#4c72b0", alpha=0.6, label=f"live ({int(other.sum())})", linewidths=0)
+    else:  # fdr: colour = -log10 q of "rotated on both axes", so the map shows how close each point is to the cut
+        shade = -np.log10(np.clip(np.nan_to_num(significance[other], nan=1.0), 1e-6, 1.0))
+        pts = ax.scatter(x[other], y[other], s=5, c=shade, cmap="viridis", vmin=0, vmax=max(1.0, float(shade.max(initial=0))),
+                         label=f"live ({int(other.sum())})", linewidths=0)
+        fig.colorbar(pts, ax=ax, shrink=0.7, label="-log10 q (both axes)")
     ax.scatter(x[selected], y[selected], s=14, c="#d62728", label=f"selected ({int(selected.sum())})", linewidths=0)
     if xcut is not None and math.isfinite(xcut):
         ax.axvline(xcut, color="k", ls="--", lw=0.8)
@@ -267,8 +368,12 @@ def diff_run(run_dir: Path, cfg: Config) -> dict:
     d = cfg.diff
     if d.vector not in ("decoder", "encoder"):
         raise StagediffError(f"diff.vector={d.vector!r} is unknown: use decoder or encoder")
-    if d.selection not in ("percentile", "threshold", "noise"):
-        raise StagediffError(f"diff.selection={d.selection!r} is unknown: use percentile, threshold or noise")
+    if d.selection not in ("fdr", "percentile", "threshold", "noise"):
+        raise StagediffError(f"diff.selection={d.selection!r} is unknown: use fdr, percentile, threshold or noise")
+    if not 0 < d.q < 1:
+        raise StagediffError(f"diff.q={d.q} must lie strictly between 0 and 1 (a false-discovery rate, e.g. 0.1)")
+    if d.controls < 0 or d.min_fires < 0:
+        raise StagediffError(f"diff.controls ({d.controls}) and diff.min_fires ({d.min_fires}) must not be negative")
     if not 0 < d.percentile < 100:
         raise StagediffError(f"diff.percentile={d.percentile} must lie strictly between 0 and 100 (e.g. 5)")
     axes = _pairs(d.axes, "diff.axes")
@@ -279,12 +384,16 @@ def diff_run(run_dir: Path, cfg: Config) -> dict:
 
     saes = run_dir / "saes"
     stages = list(dict.fromkeys(s for e in edges for s in e))
-    has_noise = "S" in stages and (saes / NOISE_STAGE / "sae_weights.safetensors").exists()
-    if d.selection == "noise" and not has_noise:
-        raise StagediffError(f"diff.selection=noise needs the control dictionary {saes / NOISE_STAGE}: "
-                             "set eval.noise_floor=true and rerun training (stagediff train RUN), or use selection percentile")
-    if has_noise:
-        stages.append(NOISE_STAGE)
+    controls = {a: [c for c in control_names(a, d.controls) if (saes / c / "sae_weights.safetensors").exists()]
+                for a, _ in axes}
+    has_controls = all(len(c) >= 2 for c in controls.values())
+    if d.selection in ("fdr", "noise") and not has_controls:
+        have = {a: len(c) for a, c in controls.items()}
+        raise StagediffError(f"diff.selection={d.selection} needs at least 2 control continuations per axis in {saes} "
+                             f"(found {have}): set diff.controls=3 and rerun training (stagediff train RUN), "
+                             "or use diff.selection=percentile")
+    if has_controls:
+        stages += [c for cs in controls.values() for c in cs]
     weights = {s: load_sae_weights(saes / s) for s in stages}
     shapes = {s: tuple(w["W_dec"].shape) for s, w in weights.items()}
     if len(set(shapes.values())) != 1:
@@ -301,8 +410,9 @@ def diff_run(run_dir: Path, cfg: Config) -> dict:
     for kind in ("dec", "enc"):
         for (a, b) in edges:
             cols[cos_column(kind, a, b)] = cos[(a, b)][kind]
-    missing_freq = [s for s in stages if freqs[s] is None]
-    for s in stages:
+    main_stages = [s for s in stages if not any(s in cs for cs in controls.values())]
+    missing_freq = [s for s in main_stages if freqs[s] is None]
+    for s in main_stages:
         cols[f"freq_{s}"] = freqs[s] if freqs[s] is not None else np.full(n, np.nan)
 
     # dead: silent at the end of every axis (NaN frequency = unknown, not dead), or no vector to compare
@@ -312,26 +422,49 @@ def diff_run(run_dir: Path, cfg: Config) -> dict:
     dead |= ~np.all([np.isfinite(c) for c in axes_cos], axis=0)
     live = ~dead
     cols["dead"] = dead
+    # rare: too few firings in some stage of an axis to trust its rotation (unknown counts pass)
+    rare = np.zeros(n, dtype=bool)
+    for s in dict.fromkeys(s for ax in axes for s in ax):
+        counts = load_counts(saes / s, freqs[s])
+        if counts is not None:
+            cols[f"fires_{s}"] = counts
+            rare |= counts < d.min_fires
+    cols["rare"] = rare & live
+    ranked = live & ~rare
 
-    floor = None
-    if has_noise:
-        r0 = 1.0 - feature_cosines(weights["S"], weights[NOISE_STAGE])[vec]
-        floor = noise_floor(r0, freqs["S"])
-    sel = select(axes_cos, live, selection=d.selection, percentile=d.percentile, threshold=d.threshold,
-                 noise_multiple=d.noise_multiple, floor=floor)
-    cols["selected"], cols["score"], cols["rank"] = sel["selected"], sel["score"], sel["rank"]
     names = _axis_names(len(axes))
-    if floor is not None:
-        cols["noise_rotation"] = r0
-        cols["noise_floor"] = floor
-        for name, c in zip(names, axes_cos):
-            cols[f"noise_multiple_{name}"] = (1.0 - c) / floor
+    standing = None
+    if has_controls:
+        standing = {}
+        for kind in ("dec", "enc"):
+            standing[kind] = []
+            for name, (a, b) in zip(names, axes):
+                ctl_cos = np.stack([feature_cosines(weights[a], weights[c])[kind] for c in controls[a]], axis=1)
+                st = control_standing(1.0 - cos[(a, b)][kind], 1.0 - ctl_cos, ranked, freqs[a])
+                standing[kind].append(st)
+                if kind == vec:
+                    for j in range(ctl_cos.shape[1]):
+                        cols[f"ctl_cos_{name}{j}"] = ctl_cos[:, j]
+                    for key in ("scale", "z", "p", "p_emp"):
+                        cols[f"{key}_{name}"] = st[key]
+                    cols[f"noise_multiple_{name}"] = st["ratio"]  # rotation / control scale (evaluate's noise variant)
+                    cols[f"q_{name}"] = bh_qvalues(st["p"], ranked)
+    sel = select(axes_cos, ranked, selection=d.selection, percentile=d.percentile, threshold=d.threshold,
+                 noise_multiple=d.noise_multiple, q=d.q, standing=standing[vec] if standing else None)
+    cols["selected"], cols["score"], cols["rank"] = sel["selected"], sel["score"], sel["rank"]
+    if "q_both" in sel:
+        cols["p_both"], cols["q_both"] = sel["p_both"], sel["q_both"]
+    if standing:  # the other ways to combine the axes, for comparison (module docstring)
+        cols["score_sum"] = np.sum([st["z"] for st in standing[vec]], axis=0)
+        cols["score_product"] = np.prod([st["ratio"] for st in standing[vec]], axis=0)
+        cols["score_enc" if vec == "dec" else "score_dec"] = np.min([st["z"] for st in standing["enc" if vec == "dec" else "dec"]], axis=0)
 
     out = run_dir / "diff"
     write_csv(out / "features.csv", cols)
-    summary = _summary(cfg, axes, edges, cols, sel, live, dead, vec, missing_freq, floor, names)
+    summary = _summary(cfg, axes, edges, cols, sel, live, dead, vec, missing_freq, standing[vec] if standing else None,
+                       names, controls if has_controls else None)
     write_json(out / "summary.json", summary)
-    _plots(out, axes, edges, cos, vec, dead, sel, floor, d.noise_multiple)
+    _plots(out, axes, edges, cos, vec, dead, sel)
     return summary
 
 
@@ -344,37 +477,45 @@ def _quantiles(v: np.ndarray) -> dict[str, float] | None:
     return {k: float(np.quantile(v, q)) for k, q in QUANTILES.items()} if len(v) else None
 
 
-def _summary(cfg, axes, edges, cols, sel, live, dead, vec, missing_freq, floor, names) -> dict:
+def _summary(cfg, axes, edges, cols, sel, live, dead, vec, missing_freq, standing, names, controls) -> dict:
     d = cfg.diff
-    sel_rule = {"selection": d.selection, "vector": d.vector, "min_frequency": d.min_frequency,
+    sel_rule = {"selection": d.selection, "vector": d.vector, "min_frequency": d.min_frequency, "min_fires": d.min_fires,
                 "axes": {nm: {"edge": list(a), "column": cos_column(vec, *a)} for nm, a in zip(names, axes)}}
-    if d.selection == "noise":
+    both = " and ".join(f"{a}->{b}" for a, b in axes)
+    if d.selection == "fdr":
+        sel_rule["q"] = d.q
+        rule = f"fdr: Benjamini-Hochberg q <= {d.q:g} on the larger p-value of {both} against their control continuations"
+        sel_rule["score"] = "min over axes of z (rotation against the feature's controls); selected <=> q_both <= q"
+    elif d.selection == "noise":
         sel_rule["noise_multiple"] = d.noise_multiple
-        rule = f"noise: rotation >= {d.noise_multiple:g} x noise floor on " + " and ".join(f"{a}->{b}" for a, b in axes)
+        rule = f"noise: rotation >= {d.noise_multiple:g} x the feature's control rotation on " + both
+        sel_rule["score"] = "min over axes of (1 - cos) / (noise_multiple x control scale); selected <=> score >= 1"
     else:
         sel_rule["cuts"] = dict(zip(names, sel["cuts"]))
         if d.selection == "percentile":
             sel_rule["percentile"] = d.percentile
         head = f"percentile {d.percentile:g}" if d.selection == "percentile" else "threshold"
         rule = f"{head}: " + " and ".join(f"cos({a}, {b}) < {t:.4f}" for (a, b), t in zip(axes, sel["cuts"]))
-    sel_rule["score"] = "min over axes of (1 - cos) / (rotation at the cut); selected <=> score passes 1"
+        sel_rule["score"] = "min over axes of (1 - cos) / (rotation at the cut); selected <=> score passes 1"
     top_idx = np.flatnonzero(sel["rank"])
     top_idx = top_idx[np.argsort(sel["rank"][top_idx])][:20]
     show = ["feature", "score", "rank", "selected"] + [cos_column(k, *e) for k in ("dec", "enc") for e in edges] \
-        + [c for c in cols if c.startswith(("freq_", "noise_"))]
+        + [c for c in cols if c.startswith(("freq_", "fires_", "z_", "q_", "ctl_cos_"))]
     summary = {
         "rule": rule,
         "selection": sel_rule,
-        "features": int(len(live)), "live": int(live.sum()), "dead": int(dead.sum()), "selected": int(sel["selected"].sum()),
+        "features": int(len(live)), "live": int(live.sum()), "dead": int(dead.sum()), "rare": int(cols["rare"].sum()),
+        "ranked": int((sel["rank"] > 0).sum()), "selected": int(sel["selected"].sum()),
         "stages": {s: short(s) for e in edges for s in e},
         "edges": {cos_column(k, *e): _quantiles(cols[cos_column(k, *e)][live]) for k in ("dec", "enc") for e in edges},
         "top": [{c: jsonable(cols[c][i]) for c in show} for i in top_idx],
     }
     if missing_freq:
         summary["frequency_missing"] = missing_freq  # no sparsity.safetensors: these stages cannot mark features dead
-    if floor is not None:
-        summary["noise_floor"] = {"stage": NOISE_STAGE, "quantiles": _quantiles(floor[live]),
-                                  "rule": "max(1 - cos(S, S_noise), median over S-frequency bins)"}
+    if standing is not None:
+        summary["controls"] = {nm: {"stages": controls[a], "null_center": st["center"], "null_spread": st["spread"],
+                                    "scale": _quantiles(st["scale"]), "significant_at_q": int((cols[f"q_{nm}"] <= d.q).sum())}
+                               for nm, (a, _), st in zip(names, axes, standing)}
     return summary
 
 
@@ -388,12 +529,10 @@ def jsonable(v):
     return None if math.isnan(v) else v
 
 
-def _plots(out: Path, axes, edges, cos, vec, dead, sel, floor, noise_multiple) -> None:
+def _plots(out: Path, axes, edges, cos, vec, dead, sel) -> None:
     selected = sel["selected"]
     label = "decoder" if vec == "dec" else "encoder"
-    cuts = sel["cuts"]
-    if cuts is None and floor is not None:  # noise selection: draw the cut at the median floor as a guide
-        cuts = [1.0 - noise_multiple * float(np.median(floor[~dead]))] * len(axes) if (~dead).any() else None
+    cuts = sel["cuts"]  # None for fdr / noise: the cut is per feature, the selected points show it
     (ax_x, ax_y) = (axes[0], axes[1]) if len(axes) > 1 else (axes[0], None)
     x = cos[ax_x][vec]
     if ax_y is not None:
@@ -403,7 +542,7 @@ def _plots(out: Path, axes, edges, cos, vec, dead, sel, floor, noise_multiple) -
         y, ylabel = cos[ax_x][other], f"{other} cos({ax_x[0]}, {ax_x[1]})"
     _scatter(out / "scatter.png", x, y, dead, selected, f"cos({ax_x[0]}, {ax_x[1]})", ylabel,
              f"{label} rotation ({int(selected.sum())} selected)",
-             cuts[0] if cuts else None, cuts[1] if cuts and ax_y is not None else None)
+             cuts[0] if cuts else None, cuts[1] if cuts and ax_y is not None else None, significance=sel.get("q_both"))
     # first-step views: the edge into each axis's start stage against the axis itself
     for i, (a, b) in enumerate(axes):
         into = [e for e in edges if e[1] == a]

@@ -33,7 +33,7 @@ from stagediff.config import Config, dump_config, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import fingerprint, read_json, remove_temp_files, sha256_file, write_json
 from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
-from stagediff.stages import NOISE_STAGE, Stage, paired_store_dirs, resolve_stages, stage_dir, store_dir, store_name
+from stagediff.stages import Stage, paired_store_dirs, resolve_stages, stage_dir, store_dir, store_name
 
 STEPS = ("organism", "harvest", "train", "diff", "crosscoder", "diffsae", "evaluate", "meandiff", "report")
 PARALLEL_STEPS = ("organism", "harvest", "train")  # every torchrun rank takes part; rank 0 alone does the rest
@@ -219,8 +219,8 @@ def step_train(run: Run) -> None:
             store = ActivationStore(store_dir(run.dir, stage.model, stage.data))
             store.verify()  # a damaged shard stops the run here (message: delete the store, rerun), never trained on
             seed_everything(stage.seed)
-            train_sae(store, cfg.sae, tokens=stage.tokens, lr=stage.lr, out_dir=out, stage=stage.name, parent=parent,
-                      seed=stage.seed, device=run.device, metadata=sae_metadata(cfg, stage, fp),
+            train_sae(store, stage_sae_config(cfg, stage), tokens=stage.tokens, lr=stage.lr, out_dir=out, stage=stage.name,
+                      parent=parent, seed=stage.seed, device=run.device, metadata=sae_metadata(cfg, stage, fp),
                       on_record=trackers.hook(stage.name) if trackers else None)
         run.finish(unit, fp)
     if trackers:
@@ -379,7 +379,7 @@ def stage_fingerprint(run: Run, stage: Stage) -> str:
     """Everything a stage's dictionary depends on: recipe, budget, seed, its data and its parent."""
     upstream = run.fingerprint_of(f"train/{stage.parent}") if stage.parent else None
     data = run.fingerprint_of(f"harvest/{stage.store}") if not stage.from_pretrained else stage.from_pretrained
-    return fingerprint([to_dict(run.cfg.sae), stage.tokens, stage.lr, stage.seed, data, upstream])
+    return fingerprint([to_dict(stage_sae_config(run.cfg, stage)), stage.tokens, stage.lr, stage.seed, data, upstream])
 
 
 def sae_metadata(cfg: Config, stage: Stage, fp: str) -> dict:
@@ -394,8 +394,13 @@ def sae_metadata(cfg: Config, stage: Stage, fp: str) -> dict:
         "prepend_bos": cfg.prepend_bos,
         "dataset_path": hub_id_of(cfg.data_configs()[stage.data].path),
         "stagediff_fingerprint": fp,
-        "noise_control": stage.name == NOISE_STAGE,
+        "control_of": list(stage.control_of) if stage.control_of else None,
     }
+
+
+def stage_sae_config(cfg: Config, stage: Stage):
+    """The SAE recipe a stage trains with: `sae`, with the aux-k loss off where the stage has it off."""
+    return cfg.sae if stage.aux_k else dataclasses.replace(cfg.sae, aux_k_coefficient=0.0)
 
 
 def import_pretrained(run: Run, stage: Stage, out: Path) -> None:

@@ -16,6 +16,8 @@ is described with explicit `model`, `data` and `parent` keys under `stages:`.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +32,7 @@ STANDARD_GRAPH: dict[str, tuple[str, str, str | None]] = {
     "F_via_D": ("finetuned", "finetune", "D"),
     "F_via_M": ("finetuned", "finetune", "M"),
 }
-# A control fine-tune of S on its own model and data with another seed: the rotation
-# that training noise alone produces (the noise floor of the diff).
-NOISE_STAGE = "S_noise"
+CONTROL = "_ctl"  # control continuations are named <start stage>_ctl<j>, e.g. D_ctl0
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,10 @@ class Stage:
     parent: str | None
     tokens: int
     lr: float
-    seed: int
+    seed: int  # data order and initialisation: each stage its own (stage_seed), so no two share batches
     from_pretrained: str | None = None
+    aux_k: bool = True  # whether the aux-k loss revives silent features while this stage trains
+    control_of: tuple[str, str] | None = None  # a control continuation: the real edge (a, b) it repeats from a
 
     @property
     def store(self) -> str:
@@ -58,6 +60,23 @@ def store_name(model: str, data: str) -> str:
     return f"{model}__{data}"
 
 
+def stage_seed(seed: int, name: str) -> int:
+    """The seed of stage `name` in a run seeded `seed`: a hash of both, so every stage draws its own
+    batch order (F_via_D and F_via_M on the same store would otherwise see identical batches, and
+    the optimizer noise they share would pass the "rotated on both axes" test)."""
+    return int(hashlib.sha256(f"{seed}/{name}".encode()).hexdigest()[:15], 16)
+
+
+def is_control(name: str) -> bool:
+    """Whether a stage name is a control continuation (D_ctl0, ...): trained for the diff's noise standing only."""
+    return re.fullmatch(rf".+{CONTROL}\d+", name) is not None
+
+
+def control_names(start: str, controls: int) -> list[str]:
+    """Names of the control continuations of an axis's start stage: D -> [D_ctl0, D_ctl1, ...]."""
+    return [f"{start}{CONTROL}{j}" for j in range(controls)]
+
+
 def resolve_stages(cfg: Config) -> list[Stage]:
     """The run's stages in training order (parents first), with every default filled in."""
     raw = dict(cfg.stages)
@@ -65,16 +84,10 @@ def resolve_stages(cfg: Config) -> list[Stage]:
         f = raw.pop("F")
         for name in ("F_via_D", "F_via_M"):
             raw.setdefault(name, f)
-    if _noise_floor_wanted(cfg) and "S" in raw and NOISE_STAGE not in raw:
-        budget = raw.get("D", raw["S"])
-        raw[NOISE_STAGE] = type(budget)(tokens=budget.tokens, lr=budget.lr)
-
     models, datasets = cfg.model_paths(), cfg.data_configs()
     stages: dict[str, Stage] = {}
     for name, sc in raw.items():
         model, data, parent = STANDARD_GRAPH.get(name, (None, None, None))
-        if name == NOISE_STAGE:
-            model, data, parent = STANDARD_GRAPH["S"][0], STANDARD_GRAPH["S"][1], "S"
         model, data = sc.model or model, sc.data or data
         parent = sc.parent if sc.parent is not None else parent
         if model is None or data is None:
@@ -91,20 +104,40 @@ def resolve_stages(cfg: Config) -> list[Stage]:
         root = parent is None
         if sc.from_pretrained and not root:
             raise StagediffError(f"stages.{name}.from_pretrained is only allowed on a root stage (no parent)")
-        if sc.tokens <= 0 and not sc.from_pretrained:
-            raise StagediffError(f"stages.{name}.tokens must be positive (it is {sc.tokens})")
+        if sc.steps < 0:
+            raise StagediffError(f"stages.{name}.steps must be positive, or 0 to size the stage by tokens (it is {sc.steps})")
+        tokens = sc.steps * cfg.sae.batch_size if sc.steps > 0 else sc.tokens
+        if tokens <= 0 and not sc.from_pretrained:
+            raise StagediffError(f"stages.{name}.tokens must be positive, or set stages.{name}.steps (tokens is {sc.tokens})")
         lr = sc.lr if sc.lr is not None else (cfg.sae.lr if root else cfg.sae.lr * cfg.sae.finetune_lr_scale)
-        seed = cfg.seed + (1 if name == NOISE_STAGE else 0)
-        stages[name] = Stage(name, model, data, parent, sc.tokens, lr, seed, sc.from_pretrained)
+        aux_k = sc.aux_k if sc.aux_k is not None else root
+        stages[name] = Stage(name, model, data, parent, tokens, lr, stage_seed(cfg.seed, name), sc.from_pretrained, aux_k)
+    _add_controls(cfg, stages)
     return _topological(stages)
+
+
+def _add_controls(cfg: Config, stages: dict[str, Stage]) -> None:
+    """For each axis (a, b) that is a real fine-tune edge (b's parent is a): `diff.controls` copies of
+    b's training run with a's model and data instead of b's, i.e. a continued on its own store with
+    b's budget, lr and aux-k and a seed of its own. Their rotations are what training alone does."""
+    for a, b in (tuple(ax) for ax in cfg.diff.axes if len(ax) == 2):
+        if a not in stages or b not in stages or stages[b].parent != a:
+            continue
+        real, start = stages[b], stages[a]
+        for name in control_names(a, cfg.diff.controls):
+            if name in stages:
+                raise StagediffError(f"stage name {name!r} is reserved for a control continuation of {a}: rename the stage")
+            stages[name] = Stage(name, start.model, start.data, a, real.tokens, real.lr, stage_seed(cfg.seed, name),
+                                 None, real.aux_k, (a, b))
 
 
 def stage_edges(stages: list[Stage]) -> list[tuple[str, str]]:
     """Default edges to diff: every parent→child edge, plus each root to every leaf two or more steps away."""
     by_name = {s.name: s for s in stages}
-    edges = [(s.parent, s.name) for s in stages if s.parent is not None and s.name != NOISE_STAGE]
+    stages = [s for s in stages if s.control_of is None]  # controls are compared in the diff, not as edges
+    edges = [(s.parent, s.name) for s in stages if s.parent is not None]
     children = {s.parent for s in stages if s.parent is not None}
-    for leaf in (s for s in stages if s.name not in children and s.name != NOISE_STAGE):
+    for leaf in (s for s in stages if s.name not in children):
         root = leaf
         while root.parent is not None:
             root = by_name[root.parent]
@@ -134,10 +167,6 @@ def paired_store_dirs(run_dir: Path, data: str = "finetune") -> list[Path]:
     the fine-tune data's pair.
     """
     return [store_dir(run_dir, m, data) for m in ("base", "finetuned")]
-
-
-def _noise_floor_wanted(cfg: Config) -> bool:
-    return cfg.diff.selection == "noise" or (cfg.eval.enabled and cfg.eval.noise_floor and cfg.organism is not None)
 
 
 def _topological(stages: dict[str, Stage]) -> list[Stage]:

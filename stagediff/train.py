@@ -163,6 +163,7 @@ def train_sae(
     w = st.window.tolist()
     stats = {
         "stage": stage, "steps": steps, "tokens": steps * cfg.batch_size, "scale": sae.scale,
+        "window_tokens": window_tokens,  # the tokens sparsity.safetensors' rates are over: rate * this = firings
         "mse": w[0] / w[4], "explained_variance": 1 - w[2] / w[3], "l0": w[1] / w[4],
         "dead_fraction": float((st.since_fired >= cfg.dead_tokens).float().mean()),
         "tokens_per_second": (steps - start_step) * cfg.batch_size / max(elapsed, 1e-9),

@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from stagediff.config import load_config
-from stagediff.diff import diff_run, noise_floor, read_features, rowwise_cosine
+from stagediff.diff import bh_qvalues, diff_run, noise_floor, read_features, rowwise_cosine
 from stagediff.errors import StagediffError
-from stagediff.files import save_tensors
+from stagediff.files import save_tensors, write_json
 
 D_IN, N = 16, 200
 PLANTED = list(range(20, 30))  # rotated on both axes (model and data)
 X_ONLY = list(range(40, 50))  # rotated on the D→F axis only
 Y_ONLY = list(range(60, 70))  # rotated on the M→F axis only
 DEAD = [5, 6, 7, 8, 9]  # silent in both F stages, and rotated hard on both axes
+PCT = ["diff.selection=percentile"]  # the planted pair has no control continuations
 
 
 def _unit(t):
@@ -39,16 +40,16 @@ def _jitter(w: torch.Tensor, g: torch.Generator, eps: float = 0.02) -> torch.Ten
     return w + eps * torch.randn(w.shape, generator=g) * w.norm(dim=-1, keepdim=True) / D_IN**0.5
 
 
-def _save(run, stage, dec, enc, log_freq=None, scale=1.0):
+def _save(run, stage, dec, enc, log_freq=None, scale=1.0, n=N, d_in=D_IN):
     d = run / "saes" / stage
     save_tensors(d / "sae_weights.safetensors", {
-        "W_enc": (enc.T * scale).contiguous(), "W_dec": dec * scale,
-        "b_enc": torch.zeros(N), "b_dec": torch.zeros(D_IN)})
+        "W_enc": (enc.T * scale).float().contiguous(), "W_dec": (dec * scale).float().contiguous(),
+        "b_enc": torch.zeros(n), "b_dec": torch.zeros(d_in)})
     if log_freq is not None:
         save_tensors(d / "sparsity.safetensors", {"sparsity": log_freq})
 
 
-def _planted_run(run, noise_stage: bool = False):
+def _planted_run(run, controls: bool = False):
     """S, D, M as small jitters; F stages with planted rotations; DEAD silent in both F stages."""
     g = torch.Generator().manual_seed(0)
     S = _unit(torch.randn(N, D_IN, generator=g))
@@ -67,11 +68,13 @@ def _planted_run(run, noise_stage: bool = False):
     dead_freq[DEAD] = float("-inf")  # log10(0): never fired
     for i, (s, (dec, enc)) in enumerate(stages.items()):
         _save(run, s, dec, enc, dead_freq if s.startswith("F") else log_freq, scale=1.0 + i)  # scale-invariance
-    if noise_stage:
-        c = torch.full((N,), 0.999)
-        c[21] = 0.6  # a feature that drifts by itself
-        S_noise = _rotate(S, list(range(N)), c, g)
-        _save(run, "S_noise", S_noise, S_enc, log_freq)
+    if controls:  # each axis's start continued on its own data: every feature turns by ~0.001, feature 21 by 0.4
+        for start in ("D", "M"):
+            for j in range(3):
+                c = torch.full((N,), 0.999)
+                c[21] = 0.6  # a feature that drifts by itself
+                dec, enc = stages[start]
+                _save(run, f"{start}_ctl{j}", _rotate(dec, list(range(N)), c, g), _rotate(enc, list(range(N)), c, g), log_freq)
     return stages
 
 
@@ -82,7 +85,7 @@ def _read_csv(path):
 
 def test_cosines_match_manual_computation(tmp_path):
     stages = _planted_run(tmp_path)
-    diff_run(tmp_path, load_config())
+    diff_run(tmp_path, load_config(overrides=PCT))
     cols = read_features(tmp_path / "diff" / "features.csv")
     for a, b, name in (("S", "D", "S_D"), ("D", "F_via_D", "D_FD"), ("M", "F_via_M", "M_FM"), ("S", "F_via_M", "S_FM")):
         for k, kind in ((0, "dec"), (1, "enc")):
@@ -96,7 +99,7 @@ def test_cosines_match_manual_computation(tmp_path):
 
 def test_percentile_selects_exactly_the_planted_set(tmp_path):
     _planted_run(tmp_path)
-    summary = diff_run(tmp_path, load_config())
+    summary = diff_run(tmp_path, load_config(overrides=PCT))
     cols = read_features(tmp_path / "diff" / "features.csv")
     assert sorted(np.flatnonzero(cols["selected"])) == PLANTED
     assert [summary[k] for k in ("features", "live", "dead", "selected")] == [N, N - len(DEAD), len(DEAD), len(PLANTED)]
@@ -139,11 +142,11 @@ def test_dead_features_are_marked_not_ranked(tmp_path):
 
 def test_csv_columns_and_pngs(tmp_path):
     _planted_run(tmp_path)
-    diff_run(tmp_path, load_config())
+    diff_run(tmp_path, load_config(overrides=PCT))
     header = next(csv.reader(open(tmp_path / "diff" / "features.csv")))
     edges = ["S_D", "S_M", "D_FD", "M_FM", "S_FD", "S_FM"]
     expected = ["feature"] + [f"dec_cos_{e}" for e in edges] + [f"enc_cos_{e}" for e in edges] \
-        + [f"freq_{s}" for s in ("S", "D", "M", "F_via_D", "F_via_M")] + ["dead", "selected", "score", "rank"]
+        + [f"freq_{s}" for s in ("S", "D", "M", "F_via_D", "F_via_M")] + ["dead", "rare", "selected", "score", "rank"]
     assert header == expected
     for name in ("scatter.png", "first_step_D.png", "first_step_M.png"):
         png = (tmp_path / "diff" / name).read_bytes()
@@ -153,21 +156,115 @@ def test_csv_columns_and_pngs(tmp_path):
     assert q["min"] <= q["p5"] <= q["p50"] <= q["max"] and len(summary["top"]) == 20
 
 
-def test_noise_floor_and_selection(tmp_path):
+def test_noise_selection_against_control_continuations(tmp_path):
     _planted_run(tmp_path)
-    with pytest.raises(StagediffError, match="S_noise"):
-        diff_run(tmp_path, load_config(overrides=["diff.selection=noise"]))
-    _planted_run(tmp_path, noise_stage=True)
-    diff_run(tmp_path, load_config(overrides=["diff.selection=noise"]))
+    for selection in ("noise", "fdr"):
+        with pytest.raises(StagediffError, match="control continuations"):
+            diff_run(tmp_path, load_config(overrides=[f"diff.selection={selection}"]))
+    _planted_run(tmp_path, controls=True)
+    summary = diff_run(tmp_path, load_config(overrides=["diff.selection=noise"]))
     cols = read_features(tmp_path / "diff" / "features.csv")
-    # floor: the median control rotation (1 - 0.999) for ordinary features, the feature's own where larger
-    assert np.median(cols["noise_floor"]) == pytest.approx(0.001, rel=1e-3)
-    assert cols["noise_floor"][21] == pytest.approx(0.4, rel=1e-3)
-    np.testing.assert_allclose(cols["noise_multiple_x"], (1 - cols["dec_cos_D_FD"]) / cols["noise_floor"], rtol=1e-4)
-    # feature 21 drifts in the control run as much as in the fine-tune: not selected; the rest of the planted set is
+    # scale: the control rotation (1 - 0.999) for ordinary features, the feature's own where larger
+    assert np.nanmedian(cols["scale_x"]) == pytest.approx(0.001, rel=1e-3)
+    assert cols["scale_x"][21] == pytest.approx(0.4, rel=1e-3) and cols["ctl_cos_y2"][21] == pytest.approx(0.6, abs=1e-5)
+    # feature 21 drifts in the controls as much as in the fine-tune: not selected; the rest of the planted set is
     selected = set(np.flatnonzero(cols["selected"]))
     assert set(PLANTED) - {21} <= selected and 21 not in selected
-    assert not selected & set(DEAD)
+    assert not selected & set(DEAD) and summary["controls"]["x"]["stages"] == ["D_ctl0", "D_ctl1", "D_ctl2"]
+
+
+def _noisy_run(run, n: int = 400, r: int = 3, seed: int = 0) -> dict:
+    """A stage-wise run where every rotation is noise of a known per-feature scale, except planted ones.
+
+    Feature i has a noise scale s_i (rarer features drift more, and each feature has its own
+    predisposition); a control continuation and a real edge both turn it by s_i times lognormal
+    noise, except BOTH (20x s_i on both axes), X_ONLY and Y_ONLY (20x on one axis only), and SILENT:
+    never fired on the base side (D, M and their controls), a rotation of 1e-9 in every control and
+    1e-7 on both real edges (100x its own controls).
+    """
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    d_in = 32
+    log_freq = rng.uniform(-3.5, -1.0, n)
+    scale = 10 ** (-3.0 - 0.6 * (log_freq + 2.25)) * np.exp(rng.normal(0, 0.3, n))
+    ids = rng.permutation(np.arange(10, n))
+    sets = {"BOTH": ids[:20], "X_ONLY": ids[20:40], "Y_ONLY": ids[40:60], "SILENT": np.arange(3)}
+    S = _unit(torch.randn(n, d_in, generator=g))
+
+    def turned(w, rot):
+        return _rotate(w, list(range(n)), torch.tensor(1.0 - rot, dtype=torch.float32).double().float(), g)
+
+    def noise():
+        return scale * np.exp(rng.normal(0, 0.5, n))
+
+    def save(stage, w, lf):
+        _save(run, stage, w, w, torch.tensor(lf, dtype=torch.float32), n=n, d_in=d_in)
+        write_json(run / "saes" / stage / "stats.json", {"steps": 500, "tokens": 500 * 256, "window_tokens": 100 * 1024})
+
+    base_freq = log_freq.copy()
+    base_freq[sets["SILENT"]] = -10.0  # log10(0 + 1e-10): never fired
+    save("S", S.double(), base_freq)
+    for start, planted_here in (("D", "X_ONLY"), ("M", "Y_ONLY")):
+        w = turned(S.double(), noise())
+        save(start, w, base_freq)
+        for j in range(r):
+            rot = noise()
+            rot[sets["SILENT"]] = 1e-9
+            save(f"{start}_ctl{j}", turned(w, rot), base_freq)
+        rot = noise()
+        rot[np.concatenate([sets["BOTH"], sets[planted_here]])] *= 20
+        rot[sets["SILENT"]] = 1e-7
+        save("F_via_" + start, turned(w, rot), log_freq)
+    return sets
+
+
+def test_fdr_selection_recovers_planted_rotations_at_q(tmp_path):
+    sets = _noisy_run(tmp_path)
+    summary = diff_run(tmp_path, load_config(overrides=["diff.selection=fdr", "diff.q=0.1", "diff.min_fires=0"]))
+    cols = read_features(tmp_path / "diff" / "features.csv")
+    selected = set(np.flatnonzero(cols["selected"]).tolist())
+    both = set(sets["BOTH"].tolist())
+    assert len(both & selected) >= 18  # recall: the planted features (20x their noise on both axes)
+    false = selected - both
+    assert len(false) <= 0.1 * max(1, len(selected)) + 1  # at most about q of the selection is false
+    one_axis = set(sets["X_ONLY"].tolist()) | set(sets["Y_ONLY"].tolist())
+    assert len(selected & one_axis) <= 1  # 20x on one axis alone is not "rotated on both" (one may pass by chance)
+    # one-axis movers are significant on their own axis only
+    assert np.mean(cols["q_x"][sets["X_ONLY"]] <= 0.1) > 0.8 and np.mean(cols["q_y"][sets["X_ONLY"]] <= 0.1) < 0.2
+    # selection is exactly the BH cut of p_both, and every selected feature outranks every other
+    assert selected == set(np.flatnonzero(cols["q_both"] <= 0.1).tolist())
+    ranked = cols["rank"] > 0
+    assert cols["score"][cols["selected"]].min() > cols["score"][ranked & ~cols["selected"]].max()
+    assert summary["selected"] == len(selected) and summary["rule"].startswith("fdr")
+    # calibration: on the features that moved by noise alone, p is near uniform
+    null = np.setdiff1d(np.arange(10, len(cols["feature"])), np.concatenate(list(sets.values())))
+    assert 0.02 < np.mean(cols["p_x"][null] < 0.1) < 0.2
+    for c in ("score_sum", "score_product", "score_enc", "p_emp_x", "z_y"):
+        assert np.isfinite(cols[c][ranked]).all()
+
+
+def test_silent_feature_with_a_tiny_rotation_is_not_ranked_above_a_real_one(tmp_path):
+    sets = _noisy_run(tmp_path)
+    silent, both = sets["SILENT"], sets["BOTH"]
+    # rarity control (default min_fires): never fired on base data, so not ranked at all
+    diff_run(tmp_path, load_config(overrides=["diff.selection=fdr"]))
+    cols = read_features(tmp_path / "diff" / "features.csv")
+    assert (cols["rank"][silent] == 0).all() and cols["rare"][silent].all() and (cols["fires_D"][silent] == 0).all()
+    assert (cols["rank"][both] > 0).all() and cols["fires_F_via_D"][both].min() >= 20
+    # without it: its controls barely moved, so its scale falls back to its frequency neighbours' (never ~0)
+    diff_run(tmp_path, load_config(overrides=["diff.selection=fdr", "diff.min_fires=0"]))
+    cols = read_features(tmp_path / "diff" / "features.csv")
+    assert cols["rank"][silent].min() > np.sort(cols["rank"][both])[-3] and not cols["selected"][silent].any()
+    assert (cols["scale_x"][silent] > 1e-5).all()
+
+
+def test_bh_qvalues_match_the_step_up_rule():
+    p = np.array([0.01, 0.04, 0.03, 0.5, np.nan, 0.002])
+    mask = np.array([True, True, True, True, True, False])
+    q = bh_qvalues(p, mask)
+    # sorted p over the 4 scored: .01 .03 .04 .5 -> p * 4 / rank = .04 .06 .0533 .5 -> running minimum from the top
+    np.testing.assert_allclose(q[[0, 2, 1, 3]], [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5])
+    assert np.isnan(q[4]) and np.isnan(q[5])
 
 
 def test_noise_floor_is_robust_to_a_lucky_feature():
@@ -201,7 +298,7 @@ def test_generic_chain_with_explicit_edges(tmp_path):
 
 def test_bad_input(tmp_path):
     with pytest.raises(StagediffError, match="train stage"):
-        diff_run(tmp_path, load_config())
+        diff_run(tmp_path, load_config(overrides=PCT))
     assert np.isnan(rowwise_cosine(torch.zeros(1, 3), torch.ones(1, 3))[0])
 
 

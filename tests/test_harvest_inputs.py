@@ -24,7 +24,7 @@ def cfg_of(tmp_path, tiny_llama_dir, verses):
         return load_config(None, [f"base_model={tiny_llama_dir}", f"finetuned_model={tiny_llama_dir}", f"hook={HOOK}",
                                   f"base_data.path={text}", f"finetune_data.path={text}", "context_size=32",
                                   "stages.S.tokens=1500", "stages.D.tokens=300", "stages.M.tokens=300",
-                                  "stages.F.tokens=300", "eval.noise_floor=false", "harvest.shard_rows=1000", *overrides])
+                                  "stages.F.tokens=300", "diff.controls=0", "harvest.shard_rows=1000", *overrides])
     return make
 
 

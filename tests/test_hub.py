@@ -137,11 +137,10 @@ def test_push_lays_out_saelens_folders_and_a_card_that_load_back(tmp_path, monke
 
     from stagediff.cli import main
     from stagediff.pipeline import load_pretrained
-    from stagediff.stages import NOISE_STAGE
 
     run = tmp_path / "run"
     saved = {}
-    for i, stage in enumerate(["S", "D", "M", "F_via_D", "F_via_M", NOISE_STAGE]):
+    for i, stage in enumerate(["S", "D", "M", "F_via_D", "F_via_M", "D_ctl0"]):
         torch.manual_seed(i)
         saved[stage] = SAE(16, SAEConfig(architecture="topk", d_sae=32, k=4))
         saved[stage].save(run / "saes" / stage, {"hook_name": HOOK, "stage": stage, "parent_stage": None if stage == "S" else "S",

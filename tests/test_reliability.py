@@ -233,12 +233,12 @@ def test_changed_config_redoes_exactly_what_it_affects(ws, reference, tmp_path):
     cross = run / "crosscoder" / "sae_weights.safetensors"
     before = mtimes([*saes.values(), *stores.values(), cross])
 
-    ok(cli("run", ws["yaml"], "--out", run, "diff.percentile=20"))
-    assert mtimes(before) == before, "diff.percentile retrained or re-harvested something"
+    ok(cli("run", ws["yaml"], "--out", run, "diff.vector=encoder"))
+    assert mtimes(before) == before, "diff.vector retrained or re-harvested something"
     assert (run / "diff/features.csv").read_bytes() != (reference / "diff/features.csv").read_bytes()
-    case("diff.percentile changed -> only diff reruns")
+    case("diff.vector changed -> only diff reruns")
 
-    ok(cli("run", ws["yaml"], "--out", run, "diff.percentile=20", "stages.M.tokens=1920"))
+    ok(cli("run", ws["yaml"], "--out", run, "diff.vector=encoder", "stages.M.tokens=1920"))
     after = mtimes([*saes.values(), *stores.values(), cross])
     changed = {Path(p).parent.name for p in before if after[p] != before[p]}
     assert changed == {"M", "F_via_M"}, changed  # finetuned__base already holds S's larger budget of base data

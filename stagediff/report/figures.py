@@ -48,7 +48,9 @@ def _points(ax: Any, data: dict, x: np.ndarray, y: np.ndarray, size: float = 6) 
     dead, sel, rel = _flag(data, "dead"), _flag(data, "selected"), _flag(data, "relevant")
     live = ~dead & ~sel
     ax.scatter(x[dead], y[dead], s=size, c=COLORS["dead"], lw=0, label=f"dead ({dead.sum()})")
-    ax.scatter(x[live], y[live], s=size, c=COLORS["live"], lw=0, alpha=0.55, label=f"live ({live.sum()})")
+    q = _col(data, "q_both")  # fdr runs: a live point grows with its significance on both axes (as report.js)
+    grow = 1.0 if q is None else 0.6 + 0.6 * np.minimum(1.0, -np.log10(np.clip(np.nan_to_num(q[live], nan=1.0), 1e-9, 1.0)))
+    ax.scatter(x[live], y[live], s=size * grow, c=COLORS["live"], lw=0, alpha=0.55, label=f"live ({live.sum()})")
     ax.scatter(x[sel], y[sel], s=size * 2.5, c=COLORS["selected"], lw=0, label=f"selected ({sel.sum()})")
     if rel.any():
         ax.scatter(x[rel], y[rel], s=size * 4, facecolors="none", edgecolors=COLORS["relevant"], lw=1, label=f"relevant ({rel.sum()})")

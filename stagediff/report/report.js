@@ -248,7 +248,8 @@ function scatter(xcol, ycol, xlabel, ylabel, size, thr = {}) {
     if (!isNum(xv[i]) || !isNum(yv[i])) { skipped++; continue; }
     const cat = category(i);
     const cls = `pt ${cat}` + (hasRelevant && F.relevant[i] ? " relevant" : "");
-    pts.append(sv("circle", { class: cls, cx: fr.xs(xv[i]).toFixed(1), cy: fr.ys(yv[i]).toFixed(1), r: cat === "selected" ? r * 1.4 : cat === "dead" ? r * 0.8 : r, "data-i": i }));
+    const rr = cat === "selected" ? r * 1.4 : cat === "dead" ? r * 0.8 : r * significance(i);
+    pts.append(sv("circle", { class: cls, cx: fr.xs(xv[i]).toFixed(1), cy: fr.ys(yv[i]).toFixed(1), r: rr, "data-i": i }));
   }
   fr.plot.append(pts);
   fr.svg.dataset.skipped = skipped;
@@ -256,6 +257,8 @@ function scatter(xcol, ycol, xlabel, ylabel, size, thr = {}) {
   return fr.svg;
 }
 const rankOf = (c) => ({ dead: 0, live: 1, selected: 2 })[c];
+// fdr runs: a live point grows with its significance on both axes (-log10 q_both, 1 = q of 0.1)
+const significance = (i) => (F.q_both && isNum(F.q_both[i]) ? 0.6 + 0.6 * Math.min(1, -Math.log10(Math.max(F.q_both[i], 1e-9))) : 1);
 
 function histogram(values, xlabel, opts = {}) {
   const v = values.filter(isNum), over = (opts.overlay || []).filter(isNum);
@@ -363,6 +366,7 @@ function renderMap() {
     el("div", {}, el("span", { class: "sw", style: "background:var(--live)" }), "live"),
     el("div", {}, el("span", { class: "sw", style: "background:var(--dead)" }), "dead (never fires)"),
     hasRelevant ? el("div", {}, el("span", { class: "sw ring" }), "relevant (ground truth)") : null,
+    F.q_both ? el("div", {}, "point size: significance on both axes against the control continuations (larger = lower q); selected = the FDR cut, q ≤ " + fmt((D.summary.selection || {}).q)) : null,
     el("div", {}, el("span", { style: "display:inline-block;width:18px;border-top:1.5px dashed #343a40" }), "selection lines"));
   const rule = el("table", { class: "kv" },
     el("tr", {}, el("td", {}, "selection"), el("td", {}, String(ax.selection || "—"))),
@@ -378,7 +382,7 @@ function renderMap() {
   }
   const hist = el("div", { class: "grid3" });
   const nf = D.noise_floor;
-  const head = el("h3", {}, "Rotation per edge (live features; orange ticks: selected" + (nf ? "; green outline: noise control cos(S, S_noise)" : "") + ")");
+  const head = el("h3", {}, "Rotation per edge (live features; orange ticks: selected" + (nf ? "; green outline: control continuations (D→D_ctl, M→M_ctl), pooled" : "") + ")");
   const seg = el("span", { class: "seg" });
   const draw = (kind) => {
     hist.replaceChildren();
