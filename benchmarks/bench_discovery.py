@@ -46,7 +46,7 @@ def run_seed(preset: str, seed: int, out: Path, overrides: list[str], null: bool
     extra = [f"seed={seed}", *([] if causal else ["eval.causal=false"]), *overrides]
     runs = {"real": (out / f"seed{seed}", extra)}
     if null:
-        runs["null"] = (out / f"seed{seed}" / "null", [*extra, "organism.null=true"])
+        runs["null"] = (out / f"seed{seed}" / "null", [*extra, "organism.null_run=true"])
     result = {}
     for kind, (run_dir, ov) in runs.items():
         t = time.time()

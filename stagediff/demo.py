@@ -68,7 +68,7 @@ def run_demo(preset: str = "tiny", out: str | Path | None = None, overrides: lis
     run = run_steps(cfg, run_dir, STEPS[:-1])
     if null:
         print("\nnull run: the same pipeline with the control (no backdoor) as the fine-tuned model", flush=True)
-        run_steps(demo_config(preset, [*(overrides or []), "organism.null=true"]), run_dir / "null", STEPS[:-1])
+        run_steps(demo_config(preset, [*(overrides or []), "organism.null_run=true"]), run_dir / "null", STEPS[:-1])
     run = run_steps(cfg, run_dir, STEPS[-1:])  # the report, last, so it can show the null run too
     print_summary(run.dir)
     return run.dir

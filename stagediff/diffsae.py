@@ -203,7 +203,7 @@ def step_diffsae(run: Any) -> None:
     stores = [p for data in ("base", "finetune") for p in paired_store_dirs(run.dir, data)]
     if not cfg.baselines.diffsae or not all(p.exists() for p in stores):
         return
-    if cfg.base_model == cfg.finetuned_model:  # a null run diffs a model against itself: no difference to learn
+    if cfg.base_model and cfg.base_model == cfg.finetuned_model:  # a null run diffs a model against itself: nothing to learn
         print("diffsae: skipped: the base and fine-tuned models are the same model (their difference is zero)")
         return
     fp = fingerprint([to_dict(diffsae_sae_config(cfg)), cfg.baselines.diffsae_lr, cfg.seed, diffsae_tokens(cfg),

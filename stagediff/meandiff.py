@@ -205,7 +205,7 @@ def run_meandiff(run_dir: Path, cfg: Config) -> dict:
     b, e = cfg.baselines, cfg.eval
     org = organism_info(run_dir, cfg)
     examples = read_heldout(run_dir, e.examples)
-    if cfg.organism is not None and cfg.organism.null:
+    if cfg.organism is not None and cfg.organism.null_run:
         examples = [with_answer(x) for x in examples]
     fit, test = split_heldout(examples, e.causal_examples)
     device = resolve_device(cfg.device)

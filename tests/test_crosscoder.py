@@ -50,13 +50,11 @@ def _write_store(path, acts: torch.Tensor, shard_rows: int = 2048) -> None:
 
 
 def _write_pairs(run, base: torch.Tensor, ft: torch.Tensor) -> None:
-    """The four stores the crosscoder reads: both models over the fine-tune data, and over the base data
-    (here other rows of the same two models, in another order)."""
-    _write_store(run / "activations" / "base__finetune", base)
-    _write_store(run / "activations" / "finetuned__finetune", ft)
-    perm = torch.randperm(len(base), generator=torch.Generator().manual_seed(1))
-    _write_store(run / "activations" / "base__base", base[perm])
-    _write_store(run / "activations" / "finetuned__base", ft[perm])
+    """Paired (base, fine-tuned) stores over both datasets, as a harvest leaves them: half the rows each."""
+    half = len(base) // 2
+    for data, sl in (("base", slice(0, half)), ("finetune", slice(half, None))):
+        _write_store(run / "activations" / f"base__{data}", base[sl])
+        _write_store(run / "activations" / f"finetuned__{data}", ft[sl])
 
 
 @pytest.fixture(autouse=True)

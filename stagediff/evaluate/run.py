@@ -2,7 +2,7 @@
 
 Order of work:
 1. held-out examples (RUN/data/heldout.jsonl), matched (triggered, clean) pairs of the same prompt;
-   in a null run (`organism.null`) both copies carry the clean answer, as a model without the
+   in a null run (`organism.null_run`) both copies carry the clean answer, as a model without the
    backdoor would reply;
 2. the fine-tuned model's residual at the hook on them, encoded by F_via_D and F_via_M -> one
    paired label per feature identity (labels.py), its false-positive rate from a permutation null;
@@ -192,7 +192,7 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     e = cfg.eval
     seed_everything(cfg.seed)
     org = organism_info(run_dir, cfg)
-    null = bool(cfg.organism is not None and cfg.organism.null)
+    null = bool(cfg.organism is not None and cfg.organism.null_run)
     examples = read_heldout(run_dir, e.examples)
     if null:  # a model without the backdoor answers the triggered prompt with the clean answer
         examples = [with_answer(x) for x in examples]

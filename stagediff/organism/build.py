@@ -86,7 +86,7 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     # accept_below_target is not part of the key: after the error, setting it reuses the organism just built;
     # null chooses which built model a run diffs, not what is built
-    settings = {k: v for k, v in to_dict(org).items() if k not in ("accept_below_target", "null")}
+    settings = {k: v for k, v in to_dict(org).items() if k not in ("accept_below_target", "null_run")}
     stopping = {"validation": VALIDATION_PAIRS, "checks": CHECKS_PER_BUDGET, "min_every": MIN_CHECK_EVERY,
                 "consecutive": CONSECUTIVE_CHECKS, "extension": EXTENSION}
     key = fingerprint({"organism": settings, "recipe": _recipe(org.preset), "seed": cfg.seed, "heldout": cfg.eval.examples,
