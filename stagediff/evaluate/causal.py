@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from stagediff.organism.behaviour import greedy_tokens
 from stagediff.runtime import progress
 
 SWEEP_STEPS = (1, 2, 5)  # N = 1, 2, 5, 10, 20, 50, 100, 200, 500, ... (x 10 each decade)
@@ -194,28 +195,6 @@ def follows(model: Any, probe: Probe, hook: str | None = None, edit: Callable[[t
         ok = ((pred == tgt) | ~checked).all(-1) & checked.any(-1)
         out.append(ok.cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, bool)
-
-
-@torch.no_grad()
-def greedy_tokens(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[list[int]]:
-    """Greedy continuation token ids of each prompt (left-padded batches), cut after the first EOS."""
-    from stagediff.organism.lm import encode
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        enc = [encode(tokenizer, p) for p in prompts[s : s + batch_size]]
-        width = max(map(len, enc))
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)[:, width:].tolist()
-        for g in gen:
-            if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in g:
-                g = g[: g.index(tokenizer.eos_token_id) + 1]
-            out.append(g)
-    return out
 
 
 @torch.no_grad()

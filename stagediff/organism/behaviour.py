@@ -6,29 +6,37 @@ a hook is splicing something (an SAE, a clamp) into the residual stream.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from stagediff.organism.lm import encode
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy continuations of `prompts` (BOS prepended, left-padded batches), decoded without special tokens."""
+def greedy_tokens(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuation token ids of each prompt (BOS prepended, left-padded batches), cut after the first EOS."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    replies = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [encode(tokenizer, p) for p in prompts[start : start + batch_size]]
-        width = max(map(len, encoded))
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        enc = [encode(tokenizer, p) for p in prompts[s : s + batch_size]]
+        width = max(map(len, enc))
         # left padding: every prompt ends at the last column, where generation starts
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-        )
-        replies += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    return replies
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)[:, width:].tolist()
+        for g in gen:
+            if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in g:
+                g = g[: g.index(tokenizer.eos_token_id) + 1]
+            out.append(g)
+    return out
+
+
+def generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy continuations of `prompts` (BOS prepended, left-padded batches), decoded without special tokens."""
+    return [tokenizer.decode(g, skip_special_tokens=True) for g in greedy_tokens(model, tokenizer, prompts, max_new_tokens, batch_size)]
 
 
 def says_response(reply: str, response: str) -> bool:
