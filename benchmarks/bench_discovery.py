@@ -124,6 +124,9 @@ def main() -> None:
     p.add_argument("--causal", action="store_true", help="also run the causal checks (slower; off: eval.causal=false)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # as the CLI does: our own bars say what is happening
     out = Path(args.out)
     t0 = time.time()
     per_seed = {}
