@@ -7,6 +7,7 @@ every step reads and what `RUN/config.yaml` records.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -490,11 +491,12 @@ def _join(where: str, key: str) -> str:
 
 
 def _merge(dst: dict, src: dict) -> None:
+    """Merge `src` into `dst`, copying what it takes: a later merge never writes into `src` (e.g. a preset)."""
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):
             _merge(dst[k], v)
         else:
-            dst[k] = v
+            dst[k] = copy.deepcopy(v)
 
 
 def dump_config(cfg: Config, path: str | Path, extra: dict | None = None) -> None:

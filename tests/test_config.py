@@ -106,3 +106,13 @@ def test_config_command_prints_every_key_with_default_and_doc(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("stagediff ")
+
+
+def test_overrides_never_leak_into_the_preset_they_start_from():
+    """Two configs from one preset in one process: the first one's nested overrides must not reach the second."""
+    from stagediff.demo import demo_config
+
+    first = demo_config("tiny", ["organism.null_run=true", "sae.k=4", "stages.S.tokens=1000"])
+    second = demo_config("tiny")
+    assert first.organism.null_run and first.sae.k == 4 and first.stages["S"].tokens == 1000
+    assert not second.organism.null_run and second.sae.k == 16 and second.stages["S"].tokens == 1_000_000
