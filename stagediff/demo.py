@@ -41,8 +41,10 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# measured wall time from an empty cache on two CPU cores (README)
-EXPECTED_MINUTES = {"tiny": 4, "smollm2": 42}
+# wall time from an empty cache on two CPU cores (README): tiny from per-step times measured beside other
+# jobs (organism ~2.7, dictionaries + 6 controls ~1.5, crosscoder + diff-SAE ~1.5, evaluation ~1.5 min);
+# smollm2 measured before the target-trained organisms and the controls
+EXPECTED_MINUTES = {"tiny": 7, "smollm2": 45}
 
 
 def demo_config(preset: str = "tiny", overrides: list[str] | None = None) -> Config:
@@ -62,8 +64,8 @@ def run_demo(preset: str = "tiny", out: str | Path | None = None, overrides: lis
     a sound method is at chance there.
     """
     cfg = demo_config(preset, overrides)
-    print(f"stagediff demo --preset {preset}: about {EXPECTED_MINUTES[preset]} min on two CPU cores from an empty cache "
-          "(measured); the organism and activations are cached, so a second run skips most of it", flush=True)
+    print(f"stagediff demo --preset {preset}: about {EXPECTED_MINUTES[preset]} min on two CPU cores from an empty cache; "
+          "the organism and activations are cached, so a second run skips most of it", flush=True)
     run_dir = Path(out) if out else Path("runs") / f"demo-{preset}"
     run = run_steps(cfg, run_dir, STEPS[:-1])
     if null:
