@@ -67,13 +67,12 @@ def organism_info(run_dir: Path, cfg: Config) -> dict:
     return out
 
 
-def _secondary_labels(sae: Any, rows: torch.Tensor, held: HeldOut, tokenizer: Any, org: dict, cfg: Config, name: str):
-    """The top-context and string rules of one dictionary (secondary labels), and its scan (firing counts, sums)."""
+def _secondary_labels(sae: Any, rows: torch.Tensor, held: HeldOut, tokenizer: Any, org: dict, cfg: Config, name: str) -> dict:
+    """The top-context and string rules of one dictionary (the secondary labels)."""
     e = cfg.eval
     scan = scan_features(sae, rows, n=e.top_contexts, desc=f"top contexts {name}")
-    lab = relevance(scan, held, tokenizer, org["trigger"], org["response"],
-                    top_contexts=e.top_contexts, relevant_share=e.relevant_share, min_fires=e.min_fires)
-    return scan, lab
+    return relevance(scan, held, tokenizer, org["trigger"], org["response"],
+                     top_contexts=e.top_contexts, relevant_share=e.relevant_share, min_fires=e.min_fires)
 
 
 def _paired_label(means: list[torch.Tensor], held: HeldOut, cfg: Config) -> PairedLabel:
@@ -205,9 +204,7 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     ft_rows = heldout_activations(ft_model, held, cfg.hook, cfg.harvest.batch_size)
     saes = {s: SAE.load(stage_dir(run_dir, s)) for s in F_STAGES}
     label = _paired_label([span_means(saes[s], ft_rows, held) for s in F_STAGES], held, cfg)
-    scans, secondary = {}, {}
-    for s in F_STAGES:
-        scans[s], secondary[s] = _secondary_labels(saes[s], ft_rows, held, tokenizer, org, cfg, s)
+    secondary = {s: _secondary_labels(saes[s], ft_rows, held, tokenizer, org, cfg, s) for s in F_STAGES}
     top_rule = secondary["F_via_D"]["relevant"] | secondary["F_via_M"]["relevant"]
     string = secondary["F_via_D"]["string"] | secondary["F_via_M"]["string"]
 
