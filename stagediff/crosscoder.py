@@ -102,6 +102,22 @@ class PairMixture:
             yield torch.cat([next(s) for s in streams])
 
 
+def paired_mixture(run_dir: Path, needed_by: str, unscaled: bool = False) -> PairMixture:
+    """Both models over both datasets (RUN/activations/{base,finetuned}__{base,finetune}), an equal share of
+    each per batch. Each model is scaled to mean norm sqrt(d_model), measured once on the base data (as
+    S's scale is) and used for both datasets, unless `unscaled`."""
+    from stagediff.activations import PairedStore
+
+    pairs = {data: paired_store_dirs(run_dir, data) for data in ("base", "finetune")}
+    for p in (p for ps in pairs.values() for p in ps):
+        if not (p / "manifest.json").exists():
+            raise StagediffError(f"{needed_by} needs the activation store {p}: run `stagediff harvest {run_dir}` first")
+    base = PairedStore(*pairs["base"])
+    base_pair = ScaledPair(base, base.a.d_in, *((1.0, 1.0) if unscaled else (None, None)))
+    ft_pair = ScaledPair(PairedStore(*pairs["finetune"]), base.a.d_in, base_pair.scale_base, base_pair.scale_ft)
+    return PairMixture([base_pair, ft_pair])
+
+
 def _model_scale(store, d: int) -> float:
     norm = float(store.mean_norm(max_rows=MEAN_NORM_ROWS))
     if not (math.isfinite(norm) and norm > 0):
@@ -235,20 +251,13 @@ def crosscoder_sae_config(cfg: Config) -> SAEConfig:
 def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
     """Train the crosscoder on both models' activations over both datasets (RUN/activations/{base,finetuned}__{base,finetune});
     write RUN/crosscoder/. Returns that folder."""
-    from stagediff.activations import ActivationStore, PairedStore
     from stagediff.train import train_sae
 
     run_dir = Path(run_dir)
     out = run_dir / "crosscoder"
     cc = cfg.crosscoder
-    pairs = {data: paired_store_dirs(run_dir, data) for data in ("base", "finetune")}
-    for p in (p for ps in pairs.values() for p in ps):
-        if not (p / "manifest.json").exists():
-            raise StagediffError(f"the crosscoder needs the activation store {p}: run `stagediff harvest {run_dir}` first")
-    # each model's scale is measured once, on the base data (as S's is), and used for both datasets
-    base_pair = ScaledPair(PairedStore(*pairs["base"]), ActivationStore(pairs["base"][0]).d_in)
-    ft_pair = ScaledPair(PairedStore(*pairs["finetune"]), base_pair.d_base, base_pair.scale_base, base_pair.scale_ft)
-    store = PairMixture([base_pair, ft_pair])
+    store = paired_mixture(run_dir, "the crosscoder")
+    base_pair = store.pairs[0]
     sae_cfg = crosscoder_sae_config(cfg)
     tokens = crosscoder_tokens(cfg)
     lr = cc.lr or cfg.sae.lr

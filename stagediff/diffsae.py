@@ -37,13 +37,12 @@ import torch
 from torch import Tensor
 
 from stagediff.config import Config, SAEConfig
-from stagediff.crosscoder import PairMixture, ScaledPair, rank_scores, stagewise_tokens
+from stagediff.crosscoder import PairMixture, paired_mixture, rank_scores, stagewise_tokens
 from stagediff.diff import jsonable, read_features, write_csv
 from stagediff.errors import StagediffError
 from stagediff.files import load_tensors, save_tensors, write_json
 from stagediff.runtime import resolve_device
 from stagediff.sae import SAE
-from stagediff.stages import paired_store_dirs
 
 STATS_ROWS = 65536  # difference rows read for the per-latent statistics and the mean base activation
 BASE_MEAN = "base_mean.safetensors"
@@ -68,20 +67,6 @@ class DifferenceRows:
         return float(x.double().norm(dim=1).mean())
 
 
-def paired_mixture(run_dir: Path) -> PairMixture:
-    """Both datasets' (base, fine-tuned) stores, unscaled, an equal share of each per batch."""
-    from stagediff.activations import ActivationStore, PairedStore
-
-    pairs = []
-    for data in ("base", "finetune"):
-        dirs = paired_store_dirs(run_dir, data)
-        for p in dirs:
-            if not (p / "manifest.json").exists():
-                raise StagediffError(f"the diff-SAE needs the activation store {p}: run `stagediff harvest {run_dir}` first")
-        pairs.append(ScaledPair(PairedStore(*dirs), ActivationStore(dirs[0]).d_in, 1.0, 1.0))
-    return PairMixture(pairs)
-
-
 def diffsae_sae_config(cfg: Config) -> SAEConfig:
     """sae.* with the diff-SAE's overrides; always BatchTopK (the architecture the field uses for it)."""
     b = cfg.baselines
@@ -99,7 +84,7 @@ def train_diffsae(run_dir: Path, cfg: Config) -> Path:
 
     run_dir = Path(run_dir)
     out = run_dir / "diffsae"
-    pairs = paired_mixture(run_dir)
+    pairs = paired_mixture(run_dir, "the diff-SAE", unscaled=True)
     rows = DifferenceRows(pairs)
     tokens, lr = diffsae_tokens(cfg), cfg.baselines.diffsae_lr or cfg.sae.lr
     device = resolve_device(cfg.device)
@@ -195,23 +180,14 @@ def diffsae_splice_fn(sae: SAE, base_mean: Tensor, clamp: Sequence[int] = ()) ->
 
 def step_diffsae(run: Any) -> None:
     """Pipeline step: train the diff-SAE when the paired stores exist (skipped when its inputs are unchanged)."""
-    from stagediff.activations import ActivationStore
     from stagediff.config import to_dict
-    from stagediff.files import fingerprint
+    from stagediff.pipeline import train_paired_baseline
 
     cfg = run.cfg
-    stores = [p for data in ("base", "finetune") for p in paired_store_dirs(run.dir, data)]
-    if not cfg.baselines.diffsae or not all(p.exists() for p in stores):
+    if not cfg.baselines.diffsae:
         return
     if cfg.base_model and cfg.base_model == cfg.finetuned_model:  # a null run diffs a model against itself: nothing to learn
         print("diffsae: skipped: the base and fine-tuned models are the same model (their difference is zero)")
         return
-    fp = fingerprint([to_dict(diffsae_sae_config(cfg)), cfg.baselines.diffsae_lr, cfg.seed, diffsae_tokens(cfg),
-                      cfg.diff.min_frequency, [run.fingerprint_of(f"harvest/{p.name}") for p in stores]])
-    if run.is_done("diffsae", fp):
-        return
-    for p in stores:
-        ActivationStore(p).verify()
-    run.start("diffsae", fp, [run.dir / "diffsae"])
-    train_diffsae(run.dir, cfg)
-    run.finish("diffsae", fp)
+    train_paired_baseline(run, "diffsae", [to_dict(diffsae_sae_config(cfg)), cfg.baselines.diffsae_lr, cfg.seed,
+                                           diffsae_tokens(cfg), cfg.diff.min_frequency], train_diffsae)

@@ -237,22 +237,30 @@ def step_diff(run: Run) -> None:
 
 def step_crosscoder(run: Run) -> None:
     cfg = run.cfg
-    stores = [p for data in ("base", "finetune") for p in paired_store_dirs(run.dir, data)]
-    if not cfg.crosscoder.enabled or not all(p.exists() for p in stores):
+    if not cfg.crosscoder.enabled:
         return
     from stagediff.crosscoder import crosscoder_tokens, train_crosscoder
 
-    fp = fingerprint([to_dict(cfg.crosscoder), to_dict(cfg.sae), cfg.seed, crosscoder_tokens(cfg),
-                      [run.fingerprint_of(f"harvest/{p.name}") for p in stores]])
-    if run.is_done("crosscoder", fp):
-        return
+    train_paired_baseline(run, "crosscoder", [to_dict(cfg.crosscoder), to_dict(cfg.sae), cfg.seed, crosscoder_tokens(cfg)],
+                          train_crosscoder)
+
+
+def train_paired_baseline(run: Run, unit: str, settings: list, train: Callable[[Path, Config], Path]) -> None:
+    """Train a baseline that reads both models over both datasets (the crosscoder, the diff-SAE) into RUN/<unit>/,
+    unless it is done with the same `settings` and stores; does nothing where the paired stores do not exist."""
     from stagediff.activations import ActivationStore
 
+    stores = [p for data in ("base", "finetune") for p in paired_store_dirs(run.dir, data)]
+    if not all(p.exists() for p in stores):
+        return
+    fp = fingerprint([*settings, [run.fingerprint_of(f"harvest/{p.name}") for p in stores]])
+    if run.is_done(unit, fp):
+        return
     for p in stores:
-        ActivationStore(p).verify()
-    run.start("crosscoder", fp, [run.dir / "crosscoder"])
-    train_crosscoder(run.dir, cfg)
-    run.finish("crosscoder", fp)
+        ActivationStore(p).verify()  # a damaged shard stops the run here, never trained on
+    run.start(unit, fp, [run.dir / unit])
+    train(run.dir, run.cfg)
+    run.finish(unit, fp)
 
 
 def step_evaluate(run: Run) -> None:
