@@ -41,10 +41,9 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# wall time from an empty cache on two CPU cores (README): tiny from per-step times measured beside other
-# jobs (organism ~2.7, dictionaries + 6 controls ~1.5, crosscoder + diff-SAE ~1.5, evaluation ~1.5 min);
+# wall time from an empty cache on two idle CPU cores (README, `python benchmarks/bench_demo.py --fresh-cache`);
 # smollm2 measured before the target-trained organisms and the controls
-EXPECTED_MINUTES = {"tiny": 7, "smollm2": 45}
+EXPECTED_MINUTES = {"tiny": 9, "smollm2": 45}
 
 
 def demo_config(preset: str = "tiny", overrides: list[str] | None = None) -> Config:
