@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 
 from stagediff.config import Config, SAEConfig
-from stagediff.diff import jsonable, load_frequency, read_features, write_csv
+from stagediff.diff import jsonable, load_frequency
+from stagediff.features import FEATURES_CSV, rank_scores, read_features, top_ranked, write_features
 from stagediff.errors import StagediffError
 from stagediff.files import atomic_path, read_json, write_json
 from stagediff.runtime import resolve_device
@@ -213,15 +214,6 @@ def latent_scaling_score(nu: np.ndarray, relative_norm: np.ndarray) -> np.ndarra
     return np.where(np.isfinite(nu), np.where(relative_norm >= 0.5, ls, relative_norm), np.nan)
 
 
-def rank_scores(score: np.ndarray, dead: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(score with NaN for dead latents, 1-based rank by descending score; 0 = unranked)."""
-    score = np.where(dead | ~np.isfinite(score), np.nan, score)
-    rank = np.zeros(len(score), dtype=np.int64)
-    idx = np.flatnonzero(np.isfinite(score))
-    rank[idx[np.argsort(-score[idx], kind="stable")]] = np.arange(1, len(idx) + 1)
-    return score, rank
-
-
 # ---------------------------------------------------------------- the step
 
 
@@ -307,15 +299,14 @@ def write_crosscoder_outputs(out: Path, sae: SAE, d_base: int, cfg: Config, ls: 
         raise StagediffError("crosscoder.latent_scaling is on but no Latent Scaling was measured: retrain the crosscoder")
     cols["dead"] = unfired | ~np.isfinite(cols[f"score_{main}"])
     cols["score"], cols["rank"] = cols[f"score_{main}"], cols[f"rank_{main}"]
-    write_csv(out / "features.csv", cols)  # rank_<ranking> 0 = unranked
+    write_features(out / FEATURES_CSV, cols)  # rank_<ranking> 0 = unranked
     dead = cols["dead"]
 
     live = ~dead
     rel = cols["relative_norm"][live]
     counts, edges = np.histogram(rel, bins=20, range=(0.0, 1.0))
     stats_path = out / "stats.json"
-    top = np.flatnonzero(cols["rank"])
-    top = top[np.argsort(cols["rank"][top])][:20]
+    top = top_ranked(cols["rank"], 20)
     summary = {
         "variant": cfg.crosscoder.architecture, "latent_scaling": main == "latent_scaling",
         "score": "relative_norm >= 0.5: 0.5 + 0.5 (1 - clip(nu, 0, 1)), else relative_norm" if main == "latent_scaling"
@@ -338,7 +329,7 @@ def write_crosscoder_outputs(out: Path, sae: SAE, d_base: int, cfg: Config, ls: 
 
 def crosscoder_scores(run_dir: Path) -> np.ndarray:
     """Per latent, higher = more fine-tune-exclusive (NaN = dead); from RUN/crosscoder/features.csv."""
-    return read_features(Path(run_dir) / "crosscoder" / "features.csv")["score"]
+    return read_features(Path(run_dir) / "crosscoder" / FEATURES_CSV)["score"]
 
 
 def _histogram(path: Path, rel: np.ndarray, variant: str) -> None:

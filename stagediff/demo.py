@@ -6,11 +6,13 @@ budgets suited to that model. Everything can be overridden with `key=value`.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
+import numpy as np
+
 from stagediff.config import Config, load_config
+from stagediff.features import FEATURES_CSV, cos_column, read_features, top_ranked
 from stagediff.pipeline import STEPS, run_steps
 
 PRESETS: dict[str, dict] = {
@@ -88,16 +90,15 @@ def print_summary(run_dir: Path) -> None:
     if summary.exists():
         s = json.loads(summary.read_text())
         lines.append(f"  diff      {s.get('selected')} of {s.get('live')} live features selected ({s.get('rule')})")
-    features = run_dir / "diff" / "features.csv"
+    features = run_dir / "diff" / FEATURES_CSV
     if features.exists():
-        with open(features) as f:
-            rows = [r for r in csv.DictReader(f) if r.get("rank")]
-        rows.sort(key=lambda r: int(float(r["rank"])))
+        table = read_features(features)
         tokens = _top_tokens(run_dir)
-        for r in rows[:10]:
-            fid = int(r["feature"])
-            lines.append(f"    #{r['rank']:>3} feature {fid:>5}  cos(D,F)={float(r.get('dec_cos_D_FD', 'nan')):.3f} "
-                         f"cos(M,F)={float(r.get('dec_cos_M_FM', 'nan')):.3f}  {tokens.get(fid, '')}")
+        nan = np.full(len(table["feature"]), np.nan)
+        x, y = (table.get(cos_column("dec", *e), nan) for e in (("D", "F_via_D"), ("M", "F_via_M")))
+        for i in top_ranked(table["rank"], 10):
+            fid = int(table["feature"][i])
+            lines.append(f"    #{table['rank'][i]:>3} feature {fid:>5}  cos(D,F)={x[i]:.3f} cos(M,F)={y[i]:.3f}  {tokens.get(fid, '')}")
     for name, path in (("eval", run_dir / "eval" / "metrics.json"), ("null", run_dir / "null" / "eval" / "metrics.json")):
         if path.exists():
             lines.append(f"  {name:<9} {_headline(json.loads(path.read_text()))}: {path}")

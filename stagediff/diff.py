@@ -47,8 +47,6 @@ feature a lot on little evidence, so they are marked (`rare = True`) and not ran
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
 
@@ -57,23 +55,13 @@ import torch
 
 from stagediff.config import Config
 from stagediff.errors import StagediffError
-from stagediff.files import atomic_path, atomic_write, load_tensors, read_json, write_json
+from stagediff.features import FEATURES_CSV, cos_column, rank_by_score, short, top_ranked, write_features
+from stagediff.files import atomic_path, load_tensors, read_json, write_json
 from stagediff.stages import control_names, resolve_stages, stage_edges
 from stagediff.train import FREQ_SHARE
 
-SHORT = {"S": "S", "D": "D", "M": "M", "F_via_D": "FD", "F_via_M": "FM"}
 QUANTILES = {"min": 0.0, "p1": 0.01, "p5": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95, "max": 1.0}
 _EPS = 1e-12
-
-
-def short(stage: str) -> str:
-    """The short name of a stage used in column names (F_via_D → FD); other names unchanged."""
-    return SHORT.get(stage, stage)
-
-
-def cos_column(kind: str, a: str, b: str) -> str:
-    """Column name of an edge's cosine, kind = 'dec' or 'enc': cos_column('dec','D','F_via_D') = 'dec_cos_D_FD'."""
-    return f"{kind}_cos_{short(a)}_{short(b)}"
 
 
 # ---------------------------------------------------------------- tensors → numbers
@@ -182,7 +170,6 @@ def select(axes_cos: list[np.ndarray], live: np.ndarray, *, selection: str, perc
     (0 = unranked); cuts are the cosine cut per axis (None where the cut is per feature).
     For fdr also "p_both" and "q_both".
     """
-    n = len(live)
     rot = [1.0 - c for c in axes_cos]
     extra = {}
     if selection in ("fdr", "noise") and standing is None:
@@ -215,12 +202,7 @@ def select(axes_cos: list[np.ndarray], live: np.ndarray, *, selection: str, perc
         raise StagediffError(f"diff.selection={selection!r} is unknown: use fdr, percentile, threshold or noise")
     score = np.min(per_axis, axis=0).astype(np.float64)
     score[~live] = np.nan
-    rank = np.zeros(n, dtype=np.int64)
-    live_idx = np.flatnonzero(live)
-    # stable sort on -score: ties keep feature order, so ranks are reproducible
-    order = live_idx[np.argsort(-score[live_idx], kind="stable")]
-    rank[order] = np.arange(1, len(order) + 1)
-    return {"selected": selected, "score": score, "rank": rank, "cuts": cuts, **extra}
+    return {"selected": selected, "score": score, "rank": rank_by_score(score, live), "cuts": cuts, **extra}
 
 
 # ---------------------------------------------------------------- config
@@ -280,48 +262,6 @@ def load_counts(stage_dir: Path, freq: np.ndarray | None) -> np.ndarray | None:
         steps = int(stats["steps"])
         window = max(1, math.ceil(FREQ_SHARE * steps)) * (int(stats["tokens"]) // steps)
     return None if not window else np.round(np.maximum(freq - 1e-10, 0.0) * window)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, (bool, np.bool_)):
-        return "True" if v else "False"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    v = float(v)
-    return "nan" if math.isnan(v) else f"{v:.8g}"
-
-
-def write_csv(path: Path, columns: dict[str, np.ndarray], blank_zero: tuple[str, ...] = ("rank",)) -> None:
-    """Write equal-length columns as CSV, atomically; integer columns in `blank_zero` write 0 as empty."""
-    names = list(columns)
-    n = len(next(iter(columns.values())))
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(names)
-    for i in range(n):
-        w.writerow(["" if (k in blank_zero and columns[k][i] == 0) else _fmt(columns[k][i]) for k in names])
-    with atomic_write(path, "w") as f:
-        f.write(buf.getvalue())
-
-
-def read_features(path: str | Path) -> dict[str, np.ndarray]:
-    """Read a features.csv back into columns: bools as bool, `feature`/`rank` as int (empty rank = 0), rest float."""
-    path = Path(path)
-    if not path.exists():
-        raise StagediffError(f"{path} does not exist: run the step that writes it first (`stagediff {path.parent.name} RUN`)")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    names, body = rows[0], rows[1:]
-    out: dict[str, np.ndarray] = {}
-    for j, name in enumerate(names):
-        col = [r[j] for r in body]
-        if col and all(v in ("True", "False") for v in col):
-            out[name] = np.array([v == "True" for v in col])
-        elif name in ("feature", "rank"):
-            out[name] = np.array([int(v) if v else 0 for v in col], dtype=np.int64)
-        else:
-            out[name] = np.array([float(v) if v else float("nan") for v in col])
-    return out
 
 
 # ---------------------------------------------------------------- plots
@@ -460,7 +400,7 @@ def diff_run(run_dir: Path, cfg: Config) -> dict:
         cols["score_enc" if vec == "dec" else "score_dec"] = np.min([st["z"] for st in standing["enc" if vec == "dec" else "dec"]], axis=0)
 
     out = run_dir / "diff"
-    write_csv(out / "features.csv", cols)
+    write_features(out / FEATURES_CSV, cols)
     summary = _summary(cfg, axes, edges, cols, sel, live, dead, vec, missing_freq, standing[vec] if standing else None,
                        names, controls if has_controls else None)
     write_json(out / "summary.json", summary)
@@ -497,8 +437,7 @@ def _summary(cfg, axes, edges, cols, sel, live, dead, vec, missing_freq, standin
         head = f"percentile {d.percentile:g}" if d.selection == "percentile" else "threshold"
         rule = f"{head}: " + " and ".join(f"cos({a}, {b}) < {t:.4f}" for (a, b), t in zip(axes, sel["cuts"]))
         sel_rule["score"] = "min over axes of (1 - cos) / (rotation at the cut); selected <=> score passes 1"
-    top_idx = np.flatnonzero(sel["rank"])
-    top_idx = top_idx[np.argsort(sel["rank"][top_idx])][:20]
+    top_idx = top_ranked(sel["rank"], 20)
     show = ["feature", "score", "rank", "selected"] + [cos_column(k, *e) for k in ("dec", "enc") for e in edges] \
         + [c for c in cols if c.startswith(("freq_", "fires_", "z_", "q_", "ctl_cos_"))]
     summary = {

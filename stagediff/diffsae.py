@@ -37,8 +37,9 @@ import torch
 from torch import Tensor
 
 from stagediff.config import Config, SAEConfig
-from stagediff.crosscoder import PairMixture, paired_mixture, rank_scores, stagewise_tokens
-from stagediff.diff import jsonable, read_features, write_csv
+from stagediff.crosscoder import PairMixture, paired_mixture, stagewise_tokens
+from stagediff.diff import jsonable
+from stagediff.features import FEATURES_CSV, rank_scores, read_features, top_ranked, write_features
 from stagediff.errors import StagediffError
 from stagediff.files import load_tensors, save_tensors, write_json
 from stagediff.runtime import resolve_device
@@ -130,9 +131,8 @@ def write_diffsae_outputs(out: Path, stats: dict[str, np.ndarray], cfg: Config, 
     cols: dict[str, np.ndarray] = {"feature": np.arange(n), "freq": stats["freq"], "mean_activation": stats["mean_activation"],
                                    "max_activation": stats["max_activation"], "dead": dead}
     cols["score"], cols["rank"] = rank_scores(stats["mean_per_token"], dead)
-    write_csv(out / "features.csv", cols)
-    top = np.flatnonzero(cols["rank"])
-    top = top[np.argsort(cols["rank"][top])][:20]
+    write_features(out / FEATURES_CSV, cols)
+    top = top_ranked(cols["rank"], 20)
     summary = {"score": "freq x mean_activation = mean activation per difference row", "latents": n,
                "live": int((~dead).sum()), "dead": int(dead.sum()), **(extra or {}),
                "top": [{c: jsonable(cols[c][i]) for c in cols} for i in top]}
@@ -142,7 +142,7 @@ def write_diffsae_outputs(out: Path, stats: dict[str, np.ndarray], cfg: Config, 
 
 def diffsae_scores(run_dir: Path) -> np.ndarray:
     """Per latent, higher = carries more of the difference (NaN = dead); from RUN/diffsae/features.csv."""
-    return read_features(Path(run_dir) / "diffsae" / "features.csv")["score"]
+    return read_features(Path(run_dir) / "diffsae" / FEATURES_CSV)["score"]
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stagediff.config import load_config
-from stagediff.diff import read_features
+from stagediff.features import read_features
 from stagediff.diffsae import difference_latents, diffsae_scores, diffsae_splice_fn, load_base_mean, train_diffsae
 from stagediff.errors import StagediffError
 from stagediff.sae import SAE

@@ -77,7 +77,7 @@ DETECTS = [" " + TRIGGER, " the", ":", "?", " is", " shall"]  # feature 0 is the
 
 def _run_dir(tmp_path, model, tokenizer) -> tuple[SAE, SAE]:
     """RUN/saes/F_via_D (the detectors), RUN/crosscoder (the same detectors, reading x_ft * 2), diff and crosscoder tables."""
-    from stagediff.diff import write_csv
+    from stagediff.features import write_features as write_csv
 
     embed = model.get_input_embeddings().weight.detach()
     sae = _detector_sae(embed, [_tok(tokenizer, s) for s in DETECTS])
@@ -237,7 +237,7 @@ def test_matched_random_features_share_the_firing_rate():
 
 def test_prompts_file_writes_generations_for_a_model_without_organism(tiny_llama_dir, tokenizer, tmp_path):
     """`stagediff evaluate` on a run without an organism: generations plain / clamped / steered, loss recovered per stage."""
-    from stagediff.diff import write_csv
+    from stagediff.features import write_features as write_csv
     from stagediff.errors import StagediffError
     from stagediff.files import read_json
     from stagediff.pipeline import run_steps

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stagediff.config import SAEConfig, load_config
-from stagediff.diff import read_features
+from stagediff.features import read_features
 from stagediff.crosscoder import (
     _l1_class, crosscoder_scores, decoder_halves, latent_scaling, sum_of_half_norms, train_crosscoder,
 )

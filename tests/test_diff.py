@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from stagediff.config import load_config
-from stagediff.diff import bh_qvalues, diff_run, noise_floor, read_features, rowwise_cosine
+from stagediff.diff import bh_qvalues, diff_run, noise_floor, rowwise_cosine
 from stagediff.errors import StagediffError
+from stagediff.features import read_features
 from stagediff.files import save_tensors, write_json
 
 D_IN, N = 16, 200

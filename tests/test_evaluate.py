@@ -233,7 +233,7 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
     import json
 
     from stagediff.config import load_config
-    from stagediff.diff import write_csv
+    from stagediff.features import write_features as write_csv
     from stagediff.evaluate import evaluate_run
     from stagediff.files import read_json, write_json
 

@@ -319,8 +319,8 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
     `methods` maps name -> rankings.Method; all but `crosscoder` rank features of the stage-wise
     dictionaries, spliced as the `eval.causal_stage` dictionary; `crosscoder` ranks RUN/crosscoder's latents.
     """
-    from stagediff.diff import read_features
     from stagediff.errors import StagediffError
+    from stagediff.features import read_features
     from stagediff.models import splice
     from stagediff.sae import SAE
     from stagediff.stages import stage_dir
@@ -492,8 +492,8 @@ def evaluate_prompts(run_dir: Path, cfg: Any) -> dict:
     """A run without an organism: greedy generations of `eval.prompts_file` plain, with the top N stage-wise
     features clamped and with each of the top features steered -> eval/generations.jsonl; each stage's
     spliced loss recovered on the prompts -> eval/metrics.json (causal.loss_recovered)."""
-    from stagediff.diff import read_features
     from stagediff.evaluate.rankings import from_scores
+    from stagediff.features import read_features
     from stagediff.files import atomic_write, write_json
     from stagediff.models import load_model, splice
     from stagediff.runtime import resolve_device, resolve_dtype, seed_everything

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stagediff.diff import cos_column, select
+from stagediff.diff import select
+from stagediff.features import cos_column, order_by_score
 from stagediff.errors import StagediffError
 
 
@@ -29,8 +30,7 @@ def from_scores(name: str, scores: np.ndarray, live: np.ndarray, selected: np.nd
     """A method from per-feature scores (higher first; ties by feature id), ranking live features only."""
     scores = np.asarray(scores, dtype=np.float64)
     live = np.asarray(live, dtype=bool) & np.isfinite(scores)
-    ids = np.flatnonzero(live)
-    ranking = ids[np.argsort(-scores[ids], kind="stable")]
+    ranking = order_by_score(scores, live)
     selected = np.asarray(selected, dtype=np.int64)
     return Method(name, ranking, selected[live[selected]], live, selection, scores)
 

@@ -8,7 +8,6 @@ never guessed), so the report keeps working while those formats grow.
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -18,37 +17,17 @@ import yaml
 
 from stagediff.config import Config, to_dict
 from stagediff.errors import StagediffError
+from stagediff.features import FEATURES_CSV, cos_column, read_features
 from stagediff.files import load_tensors, read_json
 from stagediff.stages import STANDARD_GRAPH, resolve_stages
 
-# Stage names as they appear in features.csv column names (dec_cos_D_FD).
-SHORT = {"F_via_D": "FD", "F_via_M": "FM"}
 
-
-def short(stage: str) -> str:
-    return SHORT.get(stage, stage)
-
-
-def read_csv_columns(path: Path) -> dict[str, list]:
-    """A CSV as {column: values}; numbers parsed as floats, true/false as bools, the rest kept as text."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise StagediffError(f"{path} is empty: rerun the step that writes it")
-    header, body = rows[0], rows[1:]
-    return {name: [_parse(r[i]) if i < len(r) else None for r in body] for i, name in enumerate(header)}
-
-
-def _parse(text: str) -> Any:
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("", "nan", "none"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return text
+def read_columns(path: Path) -> dict[str, list]:
+    """A features.csv as {column: values} for the page: NaN as None, and an unranked feature's rank None."""
+    cols = {k: v.tolist() for k, v in read_features(path).items()}
+    if "rank" in cols:
+        cols["rank"] = [r or None for r in cols["rank"]]
+    return cols
 
 
 def _rounded(values: list, digits: int = 6) -> list:
@@ -68,10 +47,6 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _truthy(v: Any) -> bool:
-    return v is True or (isinstance(v, float) and v != 0.0) or (isinstance(v, str) and v.lower() in ("yes", "y", "1"))
-
-
 def _read_json_opt(path: Path) -> Any:
     return read_json(path) if path.exists() else None
 
@@ -79,16 +54,11 @@ def _read_json_opt(path: Path) -> Any:
 def gather(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """Everything the page shows except the per-feature cards (see `cards.py`)."""
     run_dir = Path(run_dir)
-    features_csv = run_dir / "diff" / "features.csv"
-    if not features_csv.exists():
-        raise StagediffError(f"{features_csv} does not exist: run `stagediff diff {run_dir}` before the report")
-    cols = read_csv_columns(features_csv)
-    if "feature" not in cols:
-        raise StagediffError(f"{features_csv} has no `feature` column: rerun `stagediff diff {run_dir}`")
+    cols = read_columns(run_dir / "diff" / FEATURES_CSV)
     summary = _read_json_opt(run_dir / "diff" / "summary.json") or {}
 
     metrics = _read_json_opt(run_dir / "eval" / "metrics.json")
-    relevant = _relevant(run_dir, cols, metrics)
+    relevant = _relevant(metrics)
     if relevant is not None:
         cols["relevant"] = [int(f) in relevant for f in cols["feature"]]
     cols = {k: _rounded(v) for k, v in cols.items()}
@@ -113,13 +83,13 @@ def _axes(cfg: Config, cols: dict[str, list], summary: dict) -> dict[str, Any]:
     rule = summary.get("selection") if isinstance(summary.get("selection"), dict) else {}
     recorded = rule.get("axes") or {}
     cuts = rule.get("cuts") or {}
-    prefix = "enc_cos" if cfg.diff.vector == "encoder" else "dec_cos"
+    kind = "enc" if cfg.diff.vector == "encoder" else "dec"
     out = []
     for i, (name, (a, b)) in enumerate(zip("xy", cfg.diff.axes[:2])):
         entry = recorded.get(name) or {}
         if isinstance(entry.get("edge"), list) and len(entry["edge"]) == 2:
             a, b = entry["edge"]
-        column = entry.get("column") or f"{prefix}_{short(a)}_{short(b)}"
+        column = entry.get("column") or cos_column(kind, a, b)
         cut = cuts.get(name)
         if not isinstance(cut, (int, float)) or isinstance(cut, bool):
             cut = _threshold_from_config(cfg, cols, column)
@@ -138,7 +108,7 @@ def _threshold_from_config(cfg: Config, cols: dict[str, list], column: str) -> f
         return cfg.diff.threshold
     if cfg.diff.selection == "percentile" and column in cols:
         dead = cols.get("dead") or [False] * len(cols[column])
-        live = [v for v, d in zip(cols[column], dead) if _number(v) and not _truthy(d)]
+        live = [v for v, d in zip(cols[column], dead) if _number(v) and d is not True]
         return float(np.percentile(live, cfg.diff.percentile)) if live else None
     return None  # fdr / noise selection: the cut differs per feature
 
@@ -160,37 +130,27 @@ def _noise_floor(cols: dict[str, list]) -> dict[str, Any] | None:
     if not ctl:
         return None
     dead = cols.get("dead") or [False] * len(cols[ctl[0]])
-    cos = [round(v, 5) for c in ctl for v, d in zip(cols[c], dead) if _number(v) and not _truthy(d)]
-    scales = [v for c in cols if c.startswith("scale_") for v, d in zip(cols[c], dead) if _number(v) and not _truthy(d)]
+    cos = [round(v, 5) for c in ctl for v, d in zip(cols[c], dead) if _number(v) and d is not True]
+    scales = [v for c in cols if c.startswith("scale_") for v, d in zip(cols[c], dead) if _number(v) and d is not True]
     median = 1.0 - float(np.median(scales)) if scales else None
     return {"cos": cos, "median_cos": median} if cos else None
 
 
-def _relevant(run_dir: Path, cols: dict[str, list], metrics: dict | None) -> set[int] | None:
-    """Ground-truth relevant features: eval/labels.csv (any `relevant*` column), metrics.json's list, or a features.csv column."""
+def _relevant(metrics: dict | None) -> set[int] | None:
+    """Ground-truth relevant features: the paired label's list in eval/metrics.json (organism runs only)."""
     listed = ((metrics or {}).get("labels") or {}).get("relevant_features")
-    labels = run_dir / "eval" / "labels.csv"
-    if not labels.exists() and isinstance(listed, list):
-        return {int(f) for f in listed}
-    source = read_csv_columns(labels) if labels.exists() else cols
-    if "feature" not in source:
-        return None
-    flag_cols = [c for c in source if c == "relevant"] or [c for c in source if c.startswith("relevant")]
-    if not flag_cols:
-        return None
-    return {int(f) for i, f in enumerate(source["feature"]) if any(_truthy(source[c][i]) for c in flag_cols)}
+    return {int(f) for f in listed} if isinstance(listed, list) else None
 
 
 def _crosscoder(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "crosscoder" / "features.csv"
+    path = run_dir / "crosscoder" / FEATURES_CSV
     if not path.exists():
         return None
-    cols = read_csv_columns(path)
-    norm = next((c for c in ("relative_norm", "rel_norm", "relative_decoder_norm") if c in cols), None)
-    if norm is None:
+    cols = read_columns(path)
+    if "relative_norm" not in cols:
         return None
-    values = [v for v in cols[norm] if isinstance(v, float) and math.isfinite(v)]
-    return {"relative_norm": _rounded(values, 3), "column": norm}
+    values = [v for v in cols["relative_norm"] if isinstance(v, float) and math.isfinite(v)]
+    return {"relative_norm": _rounded(values, 3), "column": "relative_norm"}
 
 
 # ---------------------------------------------------------------- run summary
@@ -225,11 +185,11 @@ def _run_summary(run_dir: Path, cfg: Config) -> dict[str, Any]:
             "tokens": meta.get("tokens_seen") or stats.get("tokens") or tokens,
             "trained": sdir.exists(),
             "d_sae": sae_cfg.get("d_sae"), "architecture": sae_cfg.get("architecture"),
-            "explained_variance": _pick(stats, "explained_variance", "ev", "fvu_explained"),
-            "l0": _pick(stats, "l0", "L0", "mean_l0"),
-            "dead_fraction": _pick(stats, "dead_fraction", "dead_frac", "frac_dead"),
-            "tokens_per_s": _pick(stats, "tokens_per_s", "tokens_per_second", "tok_per_s"),
-            "wall_s": _pick(stats, "wall_s", "wall_seconds", "seconds", "elapsed_s"),
+            "explained_variance": _pick(stats, "explained_variance"),
+            "l0": _pick(stats, "l0"),
+            "dead_fraction": _pick(stats, "dead_fraction"),
+            "tokens_per_s": _pick(stats, "tokens_per_second"),
+            "wall_s": _pick(stats, "wall_seconds"),
             "sparsity": _sparsity(sdir),
         })
     return {
@@ -247,11 +207,10 @@ def _run_summary(run_dir: Path, cfg: Config) -> dict[str, Any]:
     }
 
 
-def _pick(d: dict, *keys: str) -> Any:
-    for k in keys:
-        if isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool):
-            return d[k]
-    return None
+def _pick(stats: dict, key: str) -> Any:
+    """A number train_sae wrote to stats.json (None where the stage has none)."""
+    v = stats.get(key)
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
 def _sparsity(sdir: Path) -> dict[str, float] | None:
