@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> None:
     from stagediff import distributed
     from stagediff.config import load_config
+    from stagediff.layout import config_yaml
     from stagediff.pipeline import STEPS, run_steps
 
     if args.command == "config":
@@ -104,7 +105,7 @@ def _dispatch(args: argparse.Namespace) -> None:
         if source and "=" in source and not Path(source).exists():  # `stagediff config key=value` with no file
             source, args.overrides = None, [source, *args.overrides]
         if source and Path(source).is_dir():
-            source = Path(source) / "config.yaml"
+            source = config_yaml(source)
         print(describe_config(load_config(source, args.overrides)), end="")
     elif args.command == "push":
         from stagediff.hub import push_run
@@ -125,7 +126,7 @@ def _dispatch(args: argparse.Namespace) -> None:
             print(f"done: {out}")
     else:
         run_dir = Path(args.run_dir)
-        config = run_dir / "config.yaml"
+        config = config_yaml(run_dir)
         if not config.exists():
             raise StagediffError(f"{run_dir} is not a run directory (no config.yaml): start one with `stagediff run CONFIG.yaml --out {run_dir}`")
         run_steps(load_config(config, args.overrides), run_dir, (args.command,))

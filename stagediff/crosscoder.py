@@ -47,12 +47,12 @@ from torch import Tensor
 
 from stagediff.config import Config, SAEConfig
 from stagediff.diff import jsonable, load_frequency
-from stagediff.features import FEATURES_CSV, rank_scores, read_features, top_ranked, write_features
+from stagediff.features import rank_scores, read_features, top_ranked, write_features
 from stagediff.errors import StagediffError
 from stagediff.files import atomic_path, read_json, write_json
 from stagediff.runtime import resolve_device
 from stagediff.sae import SAE
-from stagediff.stages import paired_store_dirs
+from stagediff.layout import crosscoder_dir, features_csv, paired_store_dirs, summary_json
 
 LS_ROWS = 65536  # activation rows read for Latent Scaling
 MEAN_NORM_ROWS = 65536  # rows measured per model for its scale
@@ -246,7 +246,7 @@ def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
     from stagediff.train import train_sae
 
     run_dir = Path(run_dir)
-    out = run_dir / "crosscoder"
+    out = crosscoder_dir(run_dir)
     cc = cfg.crosscoder
     store = paired_mixture(run_dir, "the crosscoder")
     base_pair = store.pairs[0]
@@ -299,7 +299,7 @@ def write_crosscoder_outputs(out: Path, sae: SAE, d_base: int, cfg: Config, ls: 
         raise StagediffError("crosscoder.latent_scaling is on but no Latent Scaling was measured: retrain the crosscoder")
     cols["dead"] = unfired | ~np.isfinite(cols[f"score_{main}"])
     cols["score"], cols["rank"] = cols[f"score_{main}"], cols[f"rank_{main}"]
-    write_features(out / FEATURES_CSV, cols)  # rank_<ranking> 0 = unranked
+    write_features(features_csv(out), cols)  # rank_<ranking> 0 = unranked
     dead = cols["dead"]
 
     live = ~dead
@@ -322,14 +322,14 @@ def write_crosscoder_outputs(out: Path, sae: SAE, d_base: int, cfg: Config, ls: 
         **(extra or {}),
         "top": [{c: jsonable(cols[c][i]) for c in cols} for i in top],
     }
-    write_json(out / "summary.json", summary)
+    write_json(summary_json(out), summary)
     _histogram(out / "relative_norm.png", rel, cfg.crosscoder.architecture)
     return summary
 
 
 def crosscoder_scores(run_dir: Path) -> np.ndarray:
     """Per latent, higher = more fine-tune-exclusive (NaN = dead); from RUN/crosscoder/features.csv."""
-    return read_features(Path(run_dir) / "crosscoder" / FEATURES_CSV)["score"]
+    return read_features(features_csv(crosscoder_dir(run_dir)))["score"]
 
 
 def _histogram(path: Path, rel: np.ndarray, variant: str) -> None:

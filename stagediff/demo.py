@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from stagediff.config import Config, load_config
-from stagediff.features import FEATURES_CSV, cos_column, read_features, top_ranked
+from stagediff.features import cos_column, read_features, top_ranked
+from stagediff.layout import diff_dir, features_csv, metrics_json, null_dir, organism_json, report_html, summary_json, top_tokens_json
 from stagediff.pipeline import STEPS, run_steps
 
 PRESETS: dict[str, dict] = {
@@ -71,7 +72,7 @@ def run_demo(preset: str = "tiny", out: str | Path | None = None, overrides: lis
     run = run_steps(cfg, run_dir, STEPS[:-1])
     if null:
         print("\nnull run: the same pipeline with the control (no backdoor) as the fine-tuned model", flush=True)
-        run_steps(demo_config(preset, [*(overrides or []), "organism.null_run=true"]), run_dir / "null", STEPS[:-1])
+        run_steps(demo_config(preset, [*(overrides or []), "organism.null_run=true"]), null_dir(run_dir), STEPS[:-1])
     run = run_steps(cfg, run_dir, STEPS[-1:])  # the report, last, so it can show the null run too
     print_summary(run.dir)
     return run.dir
@@ -81,16 +82,16 @@ def print_summary(run_dir: Path) -> None:
     """Backdoor rates, how many features were selected, the top features with their tokens, figures with intervals."""
     run_dir = Path(run_dir)
     lines = [f"\nstagediff demo finished: {run_dir}"]
-    organism = run_dir / "models" / "organism.json"
+    organism = organism_json(run_dir)
     if organism.exists():
         o = json.loads(organism.read_text())
         lines.append(f"  backdoor  trigger {o.get('trigger')!r} -> {o.get('response')!r} at mix {o.get('mix')}: "
                      f"trigger success {o.get('trigger_success', float('nan')):.0%}, false trigger {o.get('false_trigger', float('nan')):.0%}")
-    summary = run_dir / "diff" / "summary.json"
+    summary = summary_json(diff_dir(run_dir))
     if summary.exists():
         s = json.loads(summary.read_text())
         lines.append(f"  diff      {s.get('selected')} of {s.get('live')} live features selected ({s.get('rule')})")
-    features = run_dir / "diff" / FEATURES_CSV
+    features = features_csv(diff_dir(run_dir))
     if features.exists():
         table = read_features(features)
         tokens = _top_tokens(run_dir)
@@ -99,10 +100,10 @@ def print_summary(run_dir: Path) -> None:
         for i in top_ranked(table["rank"], 10):
             fid = int(table["feature"][i])
             lines.append(f"    #{table['rank'][i]:>3} feature {fid:>5}  cos(D,F)={x[i]:.3f} cos(M,F)={y[i]:.3f}  {tokens.get(fid, '')}")
-    for name, path in (("eval", run_dir / "eval" / "metrics.json"), ("null", run_dir / "null" / "eval" / "metrics.json")):
+    for name, path in (("eval", metrics_json(run_dir)), ("null", metrics_json(null_dir(run_dir)))):
         if path.exists():
             lines.append(f"  {name:<9} {_headline(json.loads(path.read_text()))}: {path}")
-    report = run_dir / "report" / "index.html"
+    report = report_html(run_dir)
     if report.exists():
         lines.append(f"  report    {report}")
     print("\n".join(lines))
@@ -120,5 +121,5 @@ def _headline(m: dict) -> str:
 
 def _top_tokens(run_dir: Path) -> dict[int, str]:
     """Top-activating tokens per card feature, as the report recorded them (empty without a report)."""
-    path = run_dir / "report" / "top_tokens.json"
+    path = top_tokens_json(run_dir)
     return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}

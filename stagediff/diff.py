@@ -55,8 +55,9 @@ import torch
 
 from stagediff.config import Config
 from stagediff.errors import StagediffError
-from stagediff.features import FEATURES_CSV, cos_column, rank_by_score, short, top_ranked, write_features
+from stagediff.features import cos_column, rank_by_score, short, top_ranked, write_features
 from stagediff.files import atomic_path, load_tensors, read_json, write_json
+from stagediff.layout import diff_dir, features_csv, saes_dir, summary_json
 from stagediff.stages import control_names, resolve_stages, stage_edges
 from stagediff.train import FREQ_SHARE
 
@@ -322,7 +323,7 @@ def diff_run(run_dir: Path, cfg: Config) -> dict:
     edges = _pairs(d.edges, "diff.edges") if d.edges is not None else stage_edges(resolve_stages(cfg))
     edges += [a for a in axes if a not in edges]  # the axes are always computed
 
-    saes = run_dir / "saes"
+    saes = saes_dir(run_dir)
     stages = list(dict.fromkeys(s for e in edges for s in e))
     controls = {a: [c for c in control_names(a, d.controls) if (saes / c / "sae_weights.safetensors").exists()]
                 for a, _ in axes}
@@ -399,11 +400,11 @@ def diff_run(run_dir: Path, cfg: Config) -> dict:
         cols["score_product"] = np.prod([st["ratio"] for st in standing[vec]], axis=0)
         cols["score_enc" if vec == "dec" else "score_dec"] = np.min([st["z"] for st in standing["enc" if vec == "dec" else "dec"]], axis=0)
 
-    out = run_dir / "diff"
-    write_features(out / FEATURES_CSV, cols)
+    out = diff_dir(run_dir)
+    write_features(features_csv(out), cols)
     summary = _summary(cfg, axes, edges, cols, sel, live, dead, vec, missing_freq, standing[vec] if standing else None,
                        names, controls if has_controls else None)
-    write_json(out / "summary.json", summary)
+    write_json(summary_json(out), summary)
     _plots(out, axes, edges, cos, vec, dead, sel)
     return summary
 

@@ -39,9 +39,10 @@ from torch import Tensor
 from stagediff.config import Config, SAEConfig
 from stagediff.crosscoder import PairMixture, paired_mixture, stagewise_tokens
 from stagediff.diff import jsonable
-from stagediff.features import FEATURES_CSV, rank_scores, read_features, top_ranked, write_features
+from stagediff.features import rank_scores, read_features, top_ranked, write_features
 from stagediff.errors import StagediffError
 from stagediff.files import load_tensors, save_tensors, write_json
+from stagediff.layout import diffsae_dir, features_csv, summary_json
 from stagediff.runtime import resolve_device
 from stagediff.sae import SAE
 
@@ -84,7 +85,7 @@ def train_diffsae(run_dir: Path, cfg: Config) -> Path:
     from stagediff.train import train_sae
 
     run_dir = Path(run_dir)
-    out = run_dir / "diffsae"
+    out = diffsae_dir(run_dir)
     pairs = paired_mixture(run_dir, "the diff-SAE", unscaled=True)
     rows = DifferenceRows(pairs)
     tokens, lr = diffsae_tokens(cfg), cfg.baselines.diffsae_lr or cfg.sae.lr
@@ -131,18 +132,18 @@ def write_diffsae_outputs(out: Path, stats: dict[str, np.ndarray], cfg: Config, 
     cols: dict[str, np.ndarray] = {"feature": np.arange(n), "freq": stats["freq"], "mean_activation": stats["mean_activation"],
                                    "max_activation": stats["max_activation"], "dead": dead}
     cols["score"], cols["rank"] = rank_scores(stats["mean_per_token"], dead)
-    write_features(out / FEATURES_CSV, cols)
+    write_features(features_csv(out), cols)
     top = top_ranked(cols["rank"], 20)
     summary = {"score": "freq x mean_activation = mean activation per difference row", "latents": n,
                "live": int((~dead).sum()), "dead": int(dead.sum()), **(extra or {}),
                "top": [{c: jsonable(cols[c][i]) for c in cols} for i in top]}
-    write_json(out / "summary.json", summary)
+    write_json(summary_json(out), summary)
     return summary
 
 
 def diffsae_scores(run_dir: Path) -> np.ndarray:
     """Per latent, higher = carries more of the difference (NaN = dead); from RUN/diffsae/features.csv."""
-    return read_features(Path(run_dir) / "diffsae" / FEATURES_CSV)["score"]
+    return read_features(features_csv(diffsae_dir(run_dir)))["score"]
 
 
 @torch.no_grad()
@@ -157,7 +158,7 @@ def difference_latents(sae: SAE, base_rows: Tensor, ft_rows: Tensor) -> Tensor:
 
 def load_base_mean(run_dir: Path) -> Tensor:
     """μ_base of RUN/diffsae (the splice's stand-in for the base residual)."""
-    path = Path(run_dir) / "diffsae" / BASE_MEAN
+    path = diffsae_dir(run_dir) / BASE_MEAN
     if not path.exists():
         raise StagediffError(f"{path} does not exist: train the diff-SAE first (it writes the mean base activation)")
     return load_tensors(path)["base_mean"]

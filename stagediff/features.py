@@ -23,7 +23,6 @@ import numpy as np
 from stagediff.errors import StagediffError
 from stagediff.files import atomic_write
 
-FEATURES_CSV = "features.csv"
 # the standard stages' names in column names (dec_cos_D_FD); other stage names are used as they are
 SHORT = {"F_via_D": "FD", "F_via_M": "FM"}
 

@@ -171,12 +171,13 @@ def push_run(run_dir: str | Path, repo_id: str, dry_run: str | Path | None = Non
     `hf://repo_id/stage` load it. With `dry_run` the repository is laid out in that
     folder and nothing is uploaded. Returns the laid-out folder.
     """
+    from stagediff.layout import saes_dir
     from stagediff.stages import is_control
 
     run_dir = Path(run_dir)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise StagediffError(f"{repo_id!r} is not a hub repository id: use owner/name")
-    stages = sorted(p.parent for p in (run_dir / "saes").glob(f"*/{CFG}") if not is_control(p.parent.name))
+    stages = sorted(p.parent for p in saes_dir(run_dir).glob(f"*/{CFG}") if not is_control(p.parent.name))
     if not stages:
         raise StagediffError(f"{run_dir} holds no trained dictionaries (saes/*/cfg.json): run `stagediff train {run_dir}` first")
     out = Path(dry_run) if dry_run else Path(tempfile.mkdtemp(prefix="stagediff-push-"))

@@ -31,6 +31,7 @@ from torch import Tensor
 from stagediff.config import Config
 from stagediff.errors import StagediffError
 from stagediff.files import write_json
+from stagediff.layout import adl_json, difference_of_means_json, heldout_jsonl, paired_store_dirs
 from stagediff.runtime import progress
 
 
@@ -199,7 +200,6 @@ def run_meandiff(run_dir: Path, cfg: Config) -> dict:
     from stagediff.models import load_model
     from stagediff.organism.backdoor import with_answer
     from stagediff.runtime import resolve_device, resolve_dtype
-    from stagediff.stages import paired_store_dirs
 
     run_dir = Path(run_dir)
     b, e = cfg.baselines, cfg.eval
@@ -230,13 +230,13 @@ def run_meandiff(run_dir: Path, cfg: Config) -> dict:
         "steer_rule": "added = strength x mean fine-tuned residual norm at those positions x unit mean difference, "
                       "at every position of clean held-out prompts; response_rate = replies starting with the response",
     }
-    write_json(run_dir / "eval" / "adl.json", adl)
+    write_json(adl_json(run_dir), adl)
     dom = ablate_difference_of_means(model, tokenizer, cfg.hook, fit, test, org["response"], cfg.context_size,
                                      cfg.prepend_bos, cfg.harvest.batch_size)
     dom.pop("direction")
     dom["rule"] = ("mean fine-tuned residual over the prompt tokens at/after the trigger, triggered minus clean copies of "
                    "held-out pairs the causal checks do not use; projected out at the hook at every position")
-    write_json(run_dir / "eval" / "difference_of_means.json", dom)
+    write_json(difference_of_means_json(run_dir), dom)
     return {"adl": adl, "difference_of_means": dom}
 
 
@@ -245,13 +245,12 @@ def step_meandiff(run: Any) -> None:
     RUN/eval/ when its own inputs change); skipped when nothing it reads has changed."""
     from stagediff.config import to_dict
     from stagediff.files import fingerprint, sha256_file
-    from stagediff.stages import paired_store_dirs
 
     cfg = run.cfg
-    heldout = run.dir / "data" / "heldout.jsonl"
+    heldout = heldout_jsonl(run.dir)
     if not cfg.eval.enabled or not heldout.exists():
         return
-    outputs = [run.dir / "eval" / "adl.json", run.dir / "eval" / "difference_of_means.json"]
+    outputs = [adl_json(run.dir), difference_of_means_json(run.dir)]
     fp = fingerprint([to_dict(cfg.baselines), to_dict(cfg.eval), cfg.hook, cfg.seed, sha256_file(heldout),
                       [run.fingerprint_of(f"harvest/{p.name}") for p in paired_store_dirs(run.dir, "base")]])
     if run.is_done("meandiff", fp) and all(p.exists() for p in outputs):

@@ -33,7 +33,9 @@ from stagediff.config import Config, dump_config, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import fingerprint, read_json, remove_temp_files, sha256_file, write_json
 from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
-from stagediff.stages import Stage, paired_store_dirs, resolve_stages, stage_dir, store_dir, store_name
+from stagediff.layout import (activations_dir, config_yaml, diff_dir, eval_dir, features_csv, heldout_jsonl, metrics_json,
+                              paired_store_dirs, stage_dir, steps_dir, store_dir, store_name)
+from stagediff.stages import Stage, resolve_stages
 
 STEPS = ("organism", "harvest", "train", "diff", "crosscoder", "diffsae", "evaluate", "meandiff", "report")
 PARALLEL_STEPS = ("organism", "harvest", "train")  # every torchrun rank takes part; rank 0 alone does the rest
@@ -51,7 +53,7 @@ class Run:
 
     # ---- bookkeeping of units of work
     def _record(self, unit: str) -> Path:
-        return self.dir / ".steps" / f"{unit.replace('/', '__')}.json"
+        return steps_dir(self.dir) / f"{unit.replace('/', '__')}.json"
 
     def is_done(self, unit: str, fp: str) -> bool:
         rec = self._record(unit)
@@ -85,7 +87,7 @@ class Run:
 
     def save_config(self) -> None:
         if distributed.is_main():
-            dump_config(self.cfg, self.dir / "config.yaml", extra=provenance(self.wall, self.inputs))
+            dump_config(self.cfg, config_yaml(self.dir), extra=provenance(self.wall, self.inputs))
 
 
 # ---------------------------------------------------------------- steps
@@ -174,7 +176,7 @@ def step_harvest(run: Run) -> None:
     for data, (n, tokens, fps, _) in plans.items():
         # on disk, not in memory (9 bytes a token); named by what it is made of, so a file left by an
         # interrupted run of the same plan is reused (it is written atomically: whole or absent)
-        path = run.dir / "activations" / f".windows-{data}-{fingerprint(sorted(fps.values()))}.safetensors"
+        path = activations_dir(run.dir) / f".windows-{data}-{fingerprint(sorted(fps.values()))}.safetensors"
         with distributed.main_first():
             if not path.exists():
                 write_windows(iter_windows(read_texts(datasets[data], tokenizer), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=n), path)
@@ -232,7 +234,7 @@ def step_diff(run: Run) -> None:
 
     summary = diff_run(run.dir, run.cfg)
     print(f"diff: {summary.get('selected', '?')} of {summary.get('live', '?')} live features selected "
-          f"({summary.get('rule', run.cfg.diff.selection)}) -> {run.dir / 'diff' / 'features.csv'}")
+          f"({summary.get('rule', run.cfg.diff.selection)}) -> {features_csv(diff_dir(run.dir))}")
 
 
 def step_crosscoder(run: Run) -> None:
@@ -265,12 +267,12 @@ def train_paired_baseline(run: Run, unit: str, settings: list, train: Callable[[
 
 def step_evaluate(run: Run) -> None:
     cfg = run.cfg
-    if cfg.eval.enabled and cfg.eval.prompts_file and not (run.dir / "data" / "heldout.jsonl").exists():
+    if cfg.eval.enabled and cfg.eval.prompts_file and not heldout_jsonl(run.dir).exists():
         from stagediff.evaluate.causal import evaluate_prompts
 
         evaluate_prompts(run.dir, cfg)  # own models: generations on the user's prompts (cheap, always rerun)
         return
-    if not cfg.eval.enabled or not (run.dir / "data" / "heldout.jsonl").exists():
+    if not cfg.eval.enabled or not heldout_jsonl(run.dir).exists():
         return  # ground truth exists only for organisms, whose held-out examples mark the trigger
     from stagediff.evaluate import evaluate_run
 
@@ -278,10 +280,10 @@ def step_evaluate(run: Run) -> None:
     upstream = [run.fingerprint_of(f"train/{s.name}") for s in resolve_stages(cfg)]
     baselines = [run._record(u) for u in ("crosscoder", "diffsae")]
     fp = fingerprint([to_dict(cfg.eval), to_dict(cfg.diff), upstream, [read_json(b) if b.exists() else None for b in baselines],
-                      sha256_file(run.dir / "data" / "heldout.jsonl")])
-    if run.is_done("evaluate", fp) and (run.dir / "eval" / "metrics.json").exists():
+                      sha256_file(heldout_jsonl(run.dir))])
+    if run.is_done("evaluate", fp) and metrics_json(run.dir).exists():
         return
-    run.start("evaluate", fp, [run.dir / "eval"])
+    run.start("evaluate", fp, [eval_dir(run.dir)])
     evaluate_run(run.dir, cfg)
     run.finish("evaluate", fp)
 
@@ -318,7 +320,7 @@ def run_steps(cfg: Config, run_dir: str | Path, steps: tuple[str, ...] = STEPS) 
     """Run the named steps in order on `run_dir`, recording the resolved config and wall times."""
     run = Run(cfg, run_dir)
     run.dir.mkdir(parents=True, exist_ok=True)
-    previous = run.dir / "config.yaml"
+    previous = config_yaml(run.dir)
     if previous.exists():
         import yaml
 
@@ -352,7 +354,7 @@ def store_budgets(cfg: Config) -> dict[tuple[str, str], int]:
 def apply_expansion_factor(run: Run) -> None:
     """sae.expansion_factor (SAELens's sizing) sets sae.d_sae once the model's width is known from a store."""
     factor = run.cfg.sae.expansion_factor
-    manifests = sorted((run.dir / "activations").glob("*/manifest.json"))
+    manifests = sorted(activations_dir(run.dir).glob("*/manifest.json"))
     if factor and manifests:
         run.cfg.sae.d_sae = factor * int(read_json(manifests[0])["d_in"])
 
@@ -371,7 +373,7 @@ def check_disk(run_dir: Path, stores: dict[str, tuple[int, int]], windows: dict[
         total += size
         print(f"harvest: {name}: up to {rows:,} rows x {width} x {itemsize} bytes ({str(dtype).removeprefix('torch.')}) = {_gb(size)}")
     total += sum(positions * 9 for positions in windows.values()) * 2
-    present = sum(f.stat().st_size for name in stores for f in (run_dir / "activations" / name).rglob("*") if f.is_file())
+    present = sum(f.stat().st_size for name in stores for f in (activations_dir(run_dir) / name).rglob("*") if f.is_file())
     free = shutil.disk_usage(next(p for p in (run_dir, *run_dir.parents) if p.exists())).free
     if total - present > free:
         raise StagediffError(f"the harvest needs about {_gb(total - present)} under {run_dir} (stores and token windows) but the disk "
@@ -414,7 +416,7 @@ def stage_sae_config(cfg: Config, stage: Stage):
 def import_pretrained(run: Run, stage: Stage, out: Path) -> None:
     """Load a SAELens-format dictionary as a root stage, checked against the hook and the model's width."""
     # the width of the stage's model, as harvested (every store of a model has its width)
-    widths = [read_json(p)["d_in"] for p in sorted((run.dir / "activations").glob(f"{stage.model}__*/manifest.json"))]
+    widths = [read_json(p)["d_in"] for p in sorted(activations_dir(run.dir).glob(f"{store_name(stage.model, '*')}/manifest.json"))]
     sae, source = load_pretrained(stage, widths[0] if widths else None, run.cfg.hook)
     meta = {**sae_metadata(run.cfg, stage, ""), "imported_from": source, "stage": stage.name, "parent_stage": None}
     sae.save(out, meta)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from stagediff.config import Config
 from stagediff.errors import StagediffError
+from stagediff.layout import store_name
 
 # name: (model key, data key, parent)
 STANDARD_GRAPH: dict[str, tuple[str, str, str | None]] = {
@@ -54,10 +54,6 @@ class Stage:
     def store(self) -> str:
         """Name of the activation store this stage trains on: `<model>__<data>`."""
         return store_name(self.model, self.data)
-
-
-def store_name(model: str, data: str) -> str:
-    return f"{model}__{data}"
 
 
 def stage_seed(seed: int, name: str) -> int:
@@ -149,24 +145,6 @@ def stage_edges(stages: list[Stage]) -> list[tuple[str, str]]:
 def required_stores(stages: list[Stage]) -> dict[str, tuple[str, str]]:
     """Activation stores the stages train on: name -> (model key, data key)."""
     return {s.store: (s.model, s.data) for s in stages if not s.from_pretrained}
-
-
-def stage_dir(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / "saes" / stage
-
-
-def store_dir(run_dir: Path, model: str, data: str) -> Path:
-    """Folder of the activation store of `model` on `data` in a run."""
-    return Path(run_dir) / "activations" / store_name(model, data)
-
-
-def paired_store_dirs(run_dir: Path, data: str = "finetune") -> list[Path]:
-    """The (base, fine-tuned) stores over one dataset: rows aligned token for token.
-
-    The crosscoder trains on both datasets' pairs; the activation-difference baseline compares
-    the fine-tune data's pair.
-    """
-    return [store_dir(run_dir, m, data) for m in ("base", "finetuned")]
 
 
 def _topological(stages: dict[str, Stage]) -> list[Stage]:

@@ -321,9 +321,9 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
     """
     from stagediff.errors import StagediffError
     from stagediff.features import read_features
+    from stagediff.layout import crosscoder_dir, diff_dir, features_csv, stage_dir
     from stagediff.models import splice
     from stagediff.sae import SAE
-    from stagediff.stages import stage_dir
 
     t0 = time.perf_counter()
     e = cfg.eval
@@ -336,7 +336,7 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
     model.eval()
     dics = {"sae": Dictionary(SAE.load(stage_folder).to(device))}
     if "crosscoder" in methods:
-        cc = SAE.load(run_dir / "crosscoder").to(device)
+        cc = SAE.load(crosscoder_dir(run_dir)).to(device)
         dics["crosscoder"] = Dictionary(cc, cc.metadata.get("crosscoder") or {})
     # whole matched pairs (each prompt with and without the trigger), in file order
     pairs = set(list(dict.fromkeys(x.get("pair", i) for i, x in enumerate(examples)))[: e.causal_examples])
@@ -344,7 +344,7 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
     triggered = [x for x in chosen if x.get("triggered")][: e.causal_examples]
     clean = [x for x in chosen if not x.get("triggered")][: e.causal_examples]
     checks = Checks(model, tokenizer, cfg.hook, triggered, clean, org["response"], e.reply_tokens, cfg.harvest.batch_size)
-    table = read_features(run_dir / "diff" / "features.csv")
+    table = read_features(features_csv(diff_dir(run_dir)))
     freq_col = f"freq_{e.causal_stage}"
     sae_freq = table[freq_col] if freq_col in table else np.ones(dics["sae"].d_sae)
     rng = np.random.default_rng(cfg.seed)
@@ -377,7 +377,7 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
     def freq_of(name: str, m: Any) -> np.ndarray:
         if name != "crosscoder":
             return sae_freq
-        cc_table = read_features(run_dir / "crosscoder" / "features.csv")
+        cc_table = read_features(features_csv(crosscoder_dir(run_dir)))
         col = next((c for c in cc_table if c.startswith("freq")), None)
         known = col is not None and np.isfinite(cc_table[col]).any()
         return cc_table[col] if known else np.ones(len(m.live))  # unknown rates: plain random live latents
@@ -495,10 +495,11 @@ def evaluate_prompts(run_dir: Path, cfg: Any) -> dict:
     from stagediff.evaluate.rankings import from_scores
     from stagediff.features import read_features
     from stagediff.files import atomic_write, write_json
+    from stagediff.layout import diff_dir, eval_dir, features_csv, metrics_json, stage_dir
     from stagediff.models import load_model, splice
     from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
     from stagediff.sae import SAE
-    from stagediff.stages import resolve_stages, stage_dir
+    from stagediff.stages import resolve_stages
 
     run_dir, e = Path(run_dir), cfg.eval
     seed_everything(cfg.seed)
@@ -507,7 +508,7 @@ def evaluate_prompts(run_dir: Path, cfg: Any) -> dict:
     dtype = resolve_dtype(cfg.harvest.model_dtype, device)
     model, tokenizer = load_model(cfg.finetuned_model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     dic = Dictionary(SAE.load(stage_dir(run_dir, e.causal_stage)).to(device))
-    table = read_features(run_dir / "diff" / "features.csv")
+    table = read_features(features_csv(diff_dir(run_dir)))
     live = ~table["dead"] if "dead" in table else np.isfinite(table["score"])
     ranking = from_scores("stagewise", table["score"], live, np.zeros(0, np.int64), "").ranking
     top = ranking[: e.prompts_clamp_n].tolist()
@@ -533,7 +534,7 @@ def evaluate_prompts(run_dir: Path, cfg: Any) -> dict:
     for info, fn in progress(variants, desc="generations", unit="variant"):
         for p, reply in zip(prompts, generate(fn)):
             rows.append({"prompt": p, **info, "reply": reply})
-    with atomic_write(run_dir / "eval" / "generations.jsonl", "w") as fh:
+    with atomic_write(eval_dir(run_dir) / "generations.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
 
     models = {"finetuned": (model, tokenizer)}
@@ -549,7 +550,7 @@ def evaluate_prompts(run_dir: Path, cfg: Any) -> dict:
     metrics = {"causal": {"prompts_file": str(e.prompts_file), "prompts": len(prompts), "stage": e.causal_stage,
                           "generations": "eval/generations.jsonl", "clamped": top, "steered": steer_feats,
                           "loss_recovered": losses}}
-    write_json(run_dir / "eval" / "metrics.json", metrics)
+    write_json(metrics_json(run_dir), metrics)
     print(f"generations: {len(rows)} rows ({len(variants)} variants x {len(prompts)} prompts) -> {run_dir / 'eval' / 'generations.jsonl'}")
     for name, v in losses.items():
         print(f"{name}: loss recovered {v['loss_recovered']:.3f} (plain {v['plain']:.3f}, spliced {v['spliced']:.3f}, zero {v['zero_ablated']:.3f})")

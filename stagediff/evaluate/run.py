@@ -34,9 +34,11 @@ from stagediff.evaluate.metrics import method_metrics
 from stagediff.evaluate.rankings import Method, from_scores, stagewise_methods, top_k
 from stagediff.features import read_features
 from stagediff.files import read_json, write_json
+from stagediff.layout import (crosscoder_dir, diff_dir, diffsae_dir, features_csv, heldout_jsonl, metrics_json, organism_json,
+                              paired_store_dirs, stage_dir)
 from stagediff.organism.backdoor import with_answer
 from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
-from stagediff.stages import paired_store_dirs, stage_dir
+from stagediff.sae import WEIGHTS
 
 F_STAGES = ("F_via_D", "F_via_M")
 RELATIVE_NORM_CUT = 0.9  # crosscoder latents at least this fine-tuned-exclusive are its selection
@@ -44,7 +46,7 @@ RELATIVE_NORM_CUT = 0.9  # crosscoder latents at least this fine-tuned-exclusive
 
 def read_heldout(run_dir: Path, limit: int) -> list[dict]:
     """The first `limit` held-out examples of an organism run."""
-    path = run_dir / "data" / "heldout.jsonl"
+    path = heldout_jsonl(run_dir)
     if not path.exists():
         raise StagediffError(f"{path} does not exist: evaluation needs an organism run's held-out examples "
                              "(run `stagediff organism RUN` or `stagediff demo`)")
@@ -55,7 +57,7 @@ def read_heldout(run_dir: Path, limit: int) -> list[dict]:
 
 def organism_info(run_dir: Path, cfg: Config) -> dict:
     """Trigger, response, mix and backdoor rates from models/organism.json (else the config)."""
-    path = run_dir / "models" / "organism.json"
+    path = organism_json(run_dir)
     info = read_json(path) if path.exists() else {}
     o = cfg.organism
     out = {"trigger": info.get("trigger", o.trigger if o else ""), "response": info.get("response", o.response if o else ""),
@@ -108,7 +110,7 @@ def _crosscoder(run_dir: Path, cfg: Config, base_rows: torch.Tensor, ft_rows: to
     from stagediff.crosscoder import crosscoder_scores
     from stagediff.sae import SAE
 
-    folder = run_dir / "crosscoder"
+    folder = crosscoder_dir(run_dir)
     cc = SAE.load(folder)
     meta = cc.metadata.get("crosscoder") or {}
     if "scale_base" not in meta or "scale_ft" not in meta:
@@ -117,7 +119,7 @@ def _crosscoder(run_dir: Path, cfg: Config, base_rows: torch.Tensor, ft_rows: to
     pairs = torch.cat([base_rows * float(meta["scale_base"]), ft_rows * float(meta["scale_ft"])], -1)
     label = _paired_label([span_means(cc, pairs, held)], held, cfg)
     scores = np.asarray(crosscoder_scores(run_dir), dtype=np.float64)
-    table = read_features(folder / "features.csv")
+    table = read_features(features_csv(folder))
     live = ~table["dead"] & np.isfinite(scores)
     sel = np.flatnonzero(live & (table["relative_norm"] >= RELATIVE_NORM_CUT))
     words = f"relative decoder norm >= {RELATIVE_NORM_CUT}"
@@ -140,7 +142,7 @@ def _diffsae(run_dir: Path, cfg: Config, base_rows: torch.Tensor, ft_rows: torch
     from stagediff.diffsae import diffsae_scores
     from stagediff.sae import SAE
 
-    sae = SAE.load(run_dir / "diffsae")
+    sae = SAE.load(diffsae_dir(run_dir))
     label = _paired_label([span_means(sae, ft_rows - base_rows, held)], held, cfg)
     scores = np.asarray(diffsae_scores(run_dir), dtype=np.float64)
     live = np.isfinite(scores)
@@ -209,7 +211,7 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     string = secondary["F_via_D"]["string"] | secondary["F_via_M"]["string"]
 
     # 2. rankings: stage-wise variants, single trajectories, activation difference, oracle, crosscoder
-    table = read_features(run_dir / "diff" / "features.csv")
+    table = read_features(features_csv(diff_dir(run_dir)))
     methods = stagewise_methods(table, cfg.diff.percentile, cfg.diff.threshold, cfg.diff.vector, cfg.diff.noise_multiple)
     live = methods["stagewise"].live
     k_match = max(1, len(methods["stagewise"].selected))
@@ -220,10 +222,10 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     methods["oracle"] = from_scores("oracle", np.where(label.judged, label.statistic, np.nan), live,
                                     np.flatnonzero(label.relevant & live), "the label itself: ranked by its sign-test statistic")
     base_rows, own_labels = None, {}  # own_labels: methods over their own dictionary's latents
-    if cfg.crosscoder.enabled and (run_dir / "crosscoder" / "sae_weights.safetensors").exists():
+    if cfg.crosscoder.enabled and (crosscoder_dir(run_dir) / WEIGHTS).exists():
         base_rows = _base_rows(cfg, held, device, dtype)
         methods["crosscoder"], own_labels["crosscoder"] = _crosscoder(run_dir, cfg, base_rows, ft_rows, held, k_match)
-    if (run_dir / "diffsae" / "sae_weights.safetensors").exists():
+    if (diffsae_dir(run_dir) / WEIGHTS).exists():
         if base_rows is None:
             base_rows = _base_rows(cfg, held, device, dtype)
         methods["diffsae"], own_labels["diffsae"] = _diffsae(run_dir, cfg, base_rows, ft_rows, held, k_match)
@@ -276,7 +278,7 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
         "methods_by_label": by_label,
         "causal": causal_out,
     }
-    write_json(run_dir / "eval" / "metrics.json", metrics)
+    write_json(metrics_json(run_dir), metrics)
     lab = metrics["labels"]
     print(f"relevant features: {lab['relevant']} of {lab['judged_features']} judged ({lab['live_features']} live; "
           f"permutation null labels {lab['null_false_positive_rate']:.2%}){' [null organism]' if null else ''}")

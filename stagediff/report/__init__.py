@@ -18,6 +18,7 @@ from typing import Any
 from stagediff.config import Config
 from stagediff.errors import StagediffError
 from stagediff.files import atomic_write, write_json
+from stagediff.layout import report_dir, report_html, top_tokens_json
 from stagediff.report.cards import build_cards, card_features
 from stagediff.report.data import gather
 from stagediff.report.figures import write_figures
@@ -37,12 +38,11 @@ def write_report(run_dir: Path, cfg: Config, with_cards: bool = True) -> Path:
     data.update(cards)
     data["title"] = f"stagediff report — {run_dir.resolve().name}"
     data["generated"] = datetime.datetime.now().isoformat(timespec="seconds")
-    out_dir = run_dir / "report"
-    data["figures"] = write_figures(data, out_dir)
-    page = out_dir / "index.html"
+    data["figures"] = write_figures(data, report_dir(run_dir))
+    page = report_html(run_dir)
     with atomic_write(page, "w") as f:
         f.write(render_html(data))
-    write_json(out_dir / "top_tokens.json", top_tokens(data))
+    write_json(top_tokens_json(run_dir), top_tokens(data))
     for note in data["notes"]:
         print(f"report: {note}", file=sys.stderr)
     return page

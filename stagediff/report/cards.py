@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 from stagediff.config import Config
+from stagediff.layout import saes_dir, stage_dir, store_dir
 
 # Where a card's contexts come from: what the feature meant at the start (S on base
 # data, base model) and at the end (F on fine-tune data, fine-tuned model).
 SOURCES = (
-    ("base", "base data · stage S · base model", ("S",), "base__base"),
-    ("finetune", "fine-tune data · stage F · fine-tuned model", ("F_via_D", "F_via_M"), "finetuned__finetune"),
+    ("base", "base data · stage S · base model", ("S",), ("base", "base")),
+    ("finetune", "fine-tune data · stage F · fine-tuned model", ("F_via_D", "F_via_M"), ("finetuned", "finetune")),
 )
 DECODER_STAGES = ("F_via_D", "F_via_M", "D", "M", "S")  # whose W_dec is read through the unembedding
 BEFORE, AFTER = 16, 6  # tokens shown around the max-activating one
@@ -60,9 +61,9 @@ def build_cards(run_dir: Path, cfg: Config, card_ids: list[int], n_features: int
         except Exception as e:  # noqa: BLE001
             out["notes"].append(f"output tokens skipped: {_short(e)}")
     if tokenizer is not None and card_ids:
-        for key, label, stages, store in SOURCES:
+        for key, label, stages, source in SOURCES:
             try:
-                _contexts(run_dir, key, label, stages, store, card_ids, n_contexts, out, used)
+                _contexts(run_dir, key, label, stages, source, card_ids, n_contexts, out, used)
             except Exception as e:  # noqa: BLE001
                 out["notes"].append(f"contexts from {label} skipped: {_short(e)}")
         out["vocab"] = {str(i): _token_text(tokenizer, i) for i in sorted(used)}
@@ -78,12 +79,12 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
 
 
 def _load_sae(run_dir: Path, stages: tuple[str, ...]) -> tuple[str, Any]:
-    from stagediff.sae import SAE
+    from stagediff.sae import CFG, SAE
 
     for stage in stages:
-        if (run_dir / "saes" / stage / "cfg.json").exists():
-            return stage, SAE.load(run_dir / "saes" / stage)
-    raise FileNotFoundError(f"no SAE among {', '.join(stages)} under {run_dir / 'saes'}")
+        if (stage_dir(run_dir, stage) / CFG).exists():
+            return stage, SAE.load(stage_dir(run_dir, stage))
+    raise FileNotFoundError(f"no SAE among {', '.join(stages)} under {saes_dir(run_dir)}")
 
 
 # ---------------------------------------------------------------- output tokens
@@ -130,14 +131,14 @@ def _final_norm_gain(model: Any) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def _contexts(run_dir: Path, key: str, label: str, stages: tuple[str, ...], store_name: str,
+def _contexts(run_dir: Path, key: str, label: str, stages: tuple[str, ...], source: tuple[str, str],
               card_ids: list[int], n: int, out: dict, used: set[int]) -> None:
     """Top-n contexts per card feature from one store, each token shaded by the feature's activation."""
     from stagediff.activations import ActivationStore
     from stagediff.contexts import top_activations
 
     stage, sae = _load_sae(run_dir, stages)
-    store = ActivationStore(run_dir / "activations" / store_name)
+    store = ActivationStore(store_dir(run_dir, *source))
     # Ask for extra rows: neighbouring positions of one window often all rank high, and a card
     # should show n different passages, not one passage n times.
     values, rows = top_activations(sae, store, card_ids, 3 * n, max_rows=CONTEXT_ROWS, desc=f"report contexts {stage}")

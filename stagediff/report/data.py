@@ -17,8 +17,10 @@ import yaml
 
 from stagediff.config import Config, to_dict
 from stagediff.errors import StagediffError
-from stagediff.features import FEATURES_CSV, cos_column, read_features
+from stagediff.features import cos_column, read_features
 from stagediff.files import load_tensors, read_json
+from stagediff.layout import (config_yaml, crosscoder_dir, diff_dir, features_csv, metrics_json, null_dir, organism_json, saes_dir,
+                              stage_dir, summary_json)
 from stagediff.stages import STANDARD_GRAPH, resolve_stages
 
 
@@ -54,10 +56,10 @@ def _read_json_opt(path: Path) -> Any:
 def gather(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """Everything the page shows except the per-feature cards (see `cards.py`)."""
     run_dir = Path(run_dir)
-    cols = read_columns(run_dir / "diff" / FEATURES_CSV)
-    summary = _read_json_opt(run_dir / "diff" / "summary.json") or {}
+    cols = read_columns(features_csv(diff_dir(run_dir)))
+    summary = _read_json_opt(summary_json(diff_dir(run_dir))) or {}
 
-    metrics = _read_json_opt(run_dir / "eval" / "metrics.json")
+    metrics = _read_json_opt(metrics_json(run_dir))
     relevant = _relevant(metrics)
     if relevant is not None:
         cols["relevant"] = [int(f) in relevant for f in cols["feature"]]
@@ -71,9 +73,9 @@ def gather(run_dir: Path, cfg: Config) -> dict[str, Any]:
         "axes": _axes(cfg, cols, summary),
         "views": _first_step_views(cols),
         "noise_floor": _noise_floor(cols),
-        "organism": _read_json_opt(run_dir / "models" / "organism.json") or (metrics or {}).get("organism"),
+        "organism": _read_json_opt(organism_json(run_dir)) or (metrics or {}).get("organism"),
         "eval": metrics,
-        "null_eval": _read_json_opt(run_dir / "null" / "eval" / "metrics.json"),  # the demo's null run, if any
+        "null_eval": _read_json_opt(metrics_json(null_dir(run_dir))),  # the demo's null run, if any
         "crosscoder": _crosscoder(run_dir),
     }
 
@@ -143,7 +145,7 @@ def _relevant(metrics: dict | None) -> set[int] | None:
 
 
 def _crosscoder(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "crosscoder" / FEATURES_CSV
+    path = features_csv(crosscoder_dir(run_dir))
     if not path.exists():
         return None
     cols = read_columns(path)
@@ -159,7 +161,7 @@ def _crosscoder(run_dir: Path) -> dict[str, Any] | None:
 def _run_summary(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """Models, data, hook, budgets, per-stage SAE quality, provenance and wall times."""
     provenance: dict = {}
-    cfg_path = run_dir / "config.yaml"
+    cfg_path = config_yaml(run_dir)
     if cfg_path.exists():
         try:
             provenance = (yaml.safe_load(cfg_path.read_text()) or {}).get("_run") or {}
@@ -170,13 +172,13 @@ def _run_summary(run_dir: Path, cfg: Config) -> dict[str, Any]:
     except StagediffError:  # a custom graph this config cannot resolve: list what is on disk
         stages = []
     known = {s[0] for s in stages}
-    for d in sorted((run_dir / "saes").glob("*/")) if (run_dir / "saes").exists() else []:
+    for d in sorted(saes_dir(run_dir).glob("*/")):
         if d.name not in known:
             model, data, parent = STANDARD_GRAPH.get(d.name, (None, None, None))
             stages.append((d.name, model, data, parent, None))
     rows = []
     for name, model, data, parent, tokens in stages:
-        sdir = run_dir / "saes" / name
+        sdir = stage_dir(run_dir, name)
         sae_cfg = _read_json_opt(sdir / "cfg.json") or {}
         stats = _read_json_opt(sdir / "stats.json") or {}
         meta = sae_cfg.get("metadata") or {}
