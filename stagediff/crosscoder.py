@@ -47,12 +47,12 @@ from torch import Tensor
 
 from stagediff.config import Config, SAEConfig
 from stagediff.diff import jsonable, load_frequency
-from stagediff.features import rank_scores, read_features, top_ranked, write_features
 from stagediff.errors import StagediffError
+from stagediff.features import rank_scores, read_features, top_ranked, write_features
 from stagediff.files import atomic_path, read_json, write_json
+from stagediff.layout import crosscoder_dir, features_csv, paired_store_dirs, summary_json
 from stagediff.runtime import resolve_device
 from stagediff.sae import SAE
-from stagediff.layout import crosscoder_dir, features_csv, paired_store_dirs, summary_json
 
 LS_ROWS = 65536  # activation rows read for Latent Scaling
 MEAN_NORM_ROWS = 65536  # rows measured per model for its scale
@@ -231,13 +231,12 @@ def crosscoder_tokens(cfg: Config) -> int:
 
 
 def crosscoder_sae_config(cfg: Config) -> SAEConfig:
-    """The SAEConfig the crosscoder trains with: sae.* with the crosscoder's own overrides."""
+    """The SAEConfig the crosscoder trains with: sae.* with the crosscoder's own overrides (width, k, lr)
+    resolved against their sae.* defaults; the tokens are `crosscoder_tokens`."""
     cc = cfg.crosscoder
-    if cc.architecture not in ("batchtopk", "l1"):
-        raise StagediffError(f"crosscoder.architecture={cc.architecture!r} is unknown: use batchtopk or l1")
     arch = "batchtopk" if cc.architecture == "batchtopk" else "relu"
     return dataclasses.replace(cfg.sae, architecture=arch, d_sae=cc.d_sae or cfg.sae.d_sae, k=cc.k or cfg.sae.k,
-                               l1_coefficient=0.0 if arch == "relu" else cfg.sae.l1_coefficient)
+                               lr=cc.lr or cfg.sae.lr, l1_coefficient=0.0 if arch == "relu" else cfg.sae.l1_coefficient)
 
 
 def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
@@ -252,7 +251,7 @@ def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
     base_pair = store.pairs[0]
     sae_cfg = crosscoder_sae_config(cfg)
     tokens = crosscoder_tokens(cfg)
-    lr = cc.lr or cfg.sae.lr
+    lr = sae_cfg.lr
     device = resolve_device(cfg.device)
     meta = {
         "model_name": f"{cfg.base_model} + {cfg.finetuned_model}", "hook_name": cfg.hook,

@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -36,12 +37,12 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from stagediff.config import DataConfig
+from stagediff.config import DataConfig, DataFormat
 from stagediff.errors import StagediffError
 from stagediff.files import atomic_path, fingerprint, save_tensors, sha256_file
 
 _EXTENSIONS = {".txt": "text", ".jsonl": "jsonl", ".parquet": "parquet"}
-_FORMATS = ("auto", "text", "jsonl", "parquet", "hf")
+_FORMATS = typing.get_args(DataFormat)  # checked again here: a DataConfig may be built without load_config
 
 
 @dataclass

@@ -307,10 +307,6 @@ def diff_run(run_dir: Path, cfg: Config) -> dict:
     """Diff the stages of `run_dir`: write diff/features.csv, summary.json and the scatter PNGs; return the summary."""
     run_dir = Path(run_dir)
     d = cfg.diff
-    if d.vector not in ("decoder", "encoder"):
-        raise StagediffError(f"diff.vector={d.vector!r} is unknown: use decoder or encoder")
-    if d.selection not in ("fdr", "percentile", "threshold", "noise"):
-        raise StagediffError(f"diff.selection={d.selection!r} is unknown: use fdr, percentile, threshold or noise")
     if not 0 < d.q < 1:
         raise StagediffError(f"diff.q={d.q} must lie strictly between 0 and 1 (a false-discovery rate, e.g. 0.1)")
     if d.controls < 0 or d.min_fires < 0:

