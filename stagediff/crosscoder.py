@@ -16,7 +16,7 @@ Variants (`crosscoder.architecture`):
 - `l1`: ReLU with the crosscoder sparsity penalty λ Σ_j f_j (‖d_base,j‖ + ‖d_ft,j‖): the
   SUM of the per-model decoder norms (the shared ReLU SAE weights by the norm of the whole
   row, which does not favour one-model latents the way the crosscoder loss does). This is
-  the one extension here, `SumNormL1SAE`.
+  the one extension here, `sum_norm_l1`, added to train_sae's loss.
 
 Latent Scaling (Minder et al. 2025; `crosscoder.latent_scaling`): for each latent, the
 closed-form least-squares β_m fitting β · f_j(x) · u_j (u_j = the unit fine-tuned decoder
@@ -37,9 +37,8 @@ both rankings (score_/rank_relative_norm, score_/rank_latent_scaling). Latents t
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -53,9 +52,9 @@ from stagediff.files import atomic_path, read_json, write_json
 from stagediff.layout import crosscoder_dir, features_csv, paired_store_dirs, summary_json
 from stagediff.runtime import resolve_device
 from stagediff.sae import SAE
+from stagediff.train import MEAN_NORM_ROWS, activation_scale, train_sae
 
 LS_ROWS = 65536  # activation rows read for Latent Scaling
-MEAN_NORM_ROWS = 65536  # rows measured per model for its scale
 
 
 # ---------------------------------------------------------------- data
@@ -68,7 +67,7 @@ class ScaledPair:
         self.paired, self.d_base, self.d_in = paired, d_base, paired.d_in
         self.d_ft = paired.d_in - d_base
         if scale_base is None or scale_ft is None:
-            scale_base, scale_ft = _model_scale(paired.a, d_base), _model_scale(paired.b, self.d_ft)
+            scale_base, scale_ft = activation_scale(paired.a), activation_scale(paired.b)
         self.scales = torch.tensor([scale_base] * d_base + [scale_ft] * self.d_ft)
         self.scale_base, self.scale_ft = float(scale_base), float(scale_ft)
 
@@ -119,43 +118,27 @@ def paired_mixture(run_dir: Path, needed_by: str, unscaled: bool = False) -> Pai
     return PairMixture([base_pair, ft_pair])
 
 
-def _model_scale(store, d: int) -> float:
-    norm = float(store.mean_norm(max_rows=MEAN_NORM_ROWS))
-    if not (math.isfinite(norm) and norm > 0):
-        raise StagediffError(f"activation store {getattr(store, 'path', store)} has mean norm {norm}: harvest it again")
-    return math.sqrt(d) / norm
-
-
 # ---------------------------------------------------------------- the L1 variant
 
 
-class SumNormL1SAE(SAE):
-    """ReLU SAE whose L1 penalty weights each latent by ‖d_base‖ + ‖d_ft‖ (the crosscoder loss).
+def sum_norm_l1(d_base: int, coefficient: float) -> Callable[[SAE, Tensor], Tensor]:
+    """The crosscoder's sparsity penalty λ Σ_j f_j (‖d_base,j‖ + ‖d_ft,j‖) as train_sae's `extra_loss`.
 
-    Built with `l1_coefficient = 0` in its SAEConfig (so the shared loss is MSE + aux-k
-    only) and the crosscoder's coefficient added here.
+    Trained on a ReLU SAE with `l1_coefficient = 0` (crosscoder_sae_config), so the shared loss is
+    MSE + aux-k only and this term is the whole sparsity penalty.
     """
 
-    d_base: int = 0
-    l1: float = 0.0
+    def penalty(sae: SAE, x_s: Tensor) -> Tensor:
+        b_enc, b_dec, _ = sae.scaled_biases()
+        f = ((x_s - b_dec) @ sae.W_enc + b_enc).relu()
+        return coefficient * (f * sum_of_half_norms(sae.W_dec, d_base)).sum(-1).mean()
 
-    def training_forward(self, x_s: Tensor, dead: Tensor | None = None) -> dict[str, Tensor]:
-        out = super().training_forward(x_s, dead)
-        b_enc, b_dec, _ = self.scaled_biases()
-        f = ((x_s - b_dec) @ self.W_enc + b_enc).relu()
-        sparsity = (f * sum_of_half_norms(self.W_dec, self.d_base)).sum(-1).mean()
-        out["loss"] = out["loss"] + self.l1 * sparsity
-        out["sparsity"] = sparsity.detach()
-        return out
+    return penalty
 
 
 def sum_of_half_norms(W_dec: Tensor, d_base: int) -> Tensor:
     """‖d_base‖ + ‖d_ft‖ per latent, differentiable."""
     return W_dec[:, :d_base].norm(dim=1) + W_dec[:, d_base:].norm(dim=1)
-
-
-def _l1_class(d_base: int, l1: float) -> type[SAE]:
-    return type("SumNormL1SAE", (SumNormL1SAE,), {"d_base": d_base, "l1": float(l1)})
 
 
 # ---------------------------------------------------------------- per-latent numbers
@@ -242,8 +225,6 @@ def crosscoder_sae_config(cfg: Config) -> SAEConfig:
 def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
     """Train the crosscoder on both models' activations over both datasets (RUN/activations/{base,finetuned}__{base,finetune});
     write RUN/crosscoder/. Returns that folder."""
-    from stagediff.train import train_sae
-
     run_dir = Path(run_dir)
     out = crosscoder_dir(run_dir)
     cc = cfg.crosscoder
@@ -261,11 +242,9 @@ def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
                        "scale_ft": base_pair.scale_ft, "data": ["base", "finetune"], "variant": cc.architecture, "l1_coefficient": cc.l1_coefficient,
                        "layout": "input [x_base*scale_base, x_ft*scale_ft]; W_dec[:, :d_model] base, [:, d_model:] fine-tuned"},
     }
-    kwargs = {}
-    if cc.architecture == "l1":
-        kwargs["sae_class"] = _l1_class(store.d_base, cc.l1_coefficient)
+    extra_loss = sum_norm_l1(store.d_base, cc.l1_coefficient) if cc.architecture == "l1" else None
     sae = train_sae(store, sae_cfg, tokens=tokens, lr=lr, out_dir=out, stage="crosscoder", scale=1.0,
-                    seed=cfg.seed, device=device, metadata=meta, **kwargs)
+                    seed=cfg.seed, device=device, metadata=meta, extra_loss=extra_loss)
     # always measured (one pass over LS_ROWS rows), so features.csv carries both rankings
     ls = latent_scaling(sae, store.batches(4096, seed=cfg.seed + 1, device=device), store.d_base)
     write_crosscoder_outputs(out, sae, store.d_base, cfg, ls, extra={"tokens": tokens, "lr": lr,

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stagediff.kernels import Active, batchtopk_select as local_batchtopk_select
+from stagediff.kernels import Active, StepOut, batchtopk_select as local_batchtopk_select
 
 # Ranks wait for rank 0 while it works alone (e.g. building an organism): allow it hours, not
 # the default 30 minutes. A crashed rank does not leave the others waiting: torchrun stops them.
@@ -123,8 +123,8 @@ def all_reduce_grads(module: nn.Module) -> None:
         offset += p.numel()
 
 
-def reduce_step(out: dict[str, Tensor], share: float) -> dict[str, Tensor]:
-    """The global batch's statistics from every rank's `out` (in place; returns it).
+def reduce_step(out: StepOut, share: float) -> StepOut:
+    """The global batch's statistics from every rank's `out` (the loss stays this rank's).
 
     Per-token means (mse, l0, aux) are weighted by each rank's `share` of the rows and summed;
     sse and the per-feature counts are summed; BatchTopK's min_active is the smallest over the
@@ -133,20 +133,17 @@ def reduce_step(out: dict[str, Tensor], share: float) -> dict[str, Tensor]:
     if world_size() == 1:
         return out
     means = ("mse", "l0", "aux", "sparsity")
-    stats = torch.stack([out[k].double() * share for k in means] + [out["sse"].double()])
-    packed = torch.cat([stats, out["counts"].double()])
+    stats = torch.stack([getattr(out, k).double() * share for k in means] + [out.sse.double()])
+    packed = torch.cat([stats, out.counts.double()])
     dist.all_reduce(packed)
-    for i, k in enumerate(means):
-        out[k] = packed[i].to(out[k].dtype)
-    out["sse"] = packed[len(means)].to(out["sse"].dtype)
-    out["counts"] = packed[len(means) + 1:].round().to(out["counts"].dtype)
-    if "min_active" in out:
-        kept = float(out["counts"].sum()) > 0  # global counts: all ranks agree on whether to reduce
-        if kept:
-            local = out["min_active"] if bool((out["min_active"] > 0)) else torch.full_like(out["min_active"], float("inf"))
-            dist.all_reduce(local, op=dist.ReduceOp.MIN)
-            out["min_active"] = local
-    return out
+    reduced = {k: packed[i].to(getattr(out, k).dtype) for i, k in enumerate(means)}
+    reduced["sse"] = packed[len(means)].to(out.sse.dtype)
+    reduced["counts"] = packed[len(means) + 1:].round().to(out.counts.dtype)
+    if out.min_active is not None and float(reduced["counts"].sum()) > 0:  # global counts: all ranks agree
+        local = out.min_active if bool(out.min_active > 0) else torch.full_like(out.min_active, float("inf"))
+        dist.all_reduce(local, op=dist.ReduceOp.MIN)
+        reduced["min_active"] = local
+    return out._replace(**reduced)
 
 
 def batchtopk_select(k: float, global_rows: int) -> Callable[[Tensor], tuple[Active, Tensor]]:

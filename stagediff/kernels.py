@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -232,11 +232,28 @@ def sparse_decode(vals: Tensor, W_dec: Tensor, active: Active) -> Tensor:
 # --------------------------------------------------------------------------- the step
 
 
+class StepOut(NamedTuple):
+    """One training batch's loss and statistics (`topk_training_forward`, `SAE.training_forward`).
+
+    Everything but `loss` is detached; squared errors are in scaled units.
+    """
+
+    loss: Tensor  # what backward() runs on
+    mse: Tensor  # mean over tokens of the squared reconstruction error
+    sse: Tensor  # the same error summed over the batch (explained variance)
+    aux: Tensor  # the aux-k loss (0 without dead features)
+    sparsity: Tensor  # the L1 / L0 penalty term (0 for topk / batchtopk)
+    l0: Tensor  # active features per token
+    counts: Tensor  # [d_sae] fires per feature in this batch
+    x_hat: Tensor  # the reconstruction
+    min_active: Tensor | None = None  # batchtopk: the smallest kept activation (inference threshold)
+
+
 def topk_training_forward(
     x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, *,
     k: float, batch_topk: bool, dead: Tensor | None = None, aux_k: int = 256, aux_k_coefficient: float = 0.0,
     select: Callable[[Tensor], tuple[Active, Tensor]] | None = None,
-) -> dict[str, Tensor]:
+) -> StepOut:
     """Losses of one TopK / BatchTopK batch, computed sparsely; same values and gradients as dense.
 
     The model: pre = (x - b_dec) @ W_enc + b_enc; f = top-k of pre (per row, or the k*B
@@ -244,8 +261,7 @@ def topk_training_forward(
     Loss = mse + aux_k_coefficient * aux, where mse = mean over tokens of ||x_hat - x||^2
     and aux (Gao et al.) = the same error of the top `aux_k` dead-feature pre-activations
     reconstructing the detached residual x - x_hat (no bias); 0 without dead features.
-    Returns loss, mse, aux, sparsity (0), l0, counts [d_sae] (fires per feature), x_hat
-    (detached) and, for batchtopk, min_active (smallest kept activation).
+    Returns a StepOut (sparsity 0; min_active for batchtopk only).
     `select(pre) -> (active, values)` replaces the selection (distributed.py: BatchTopK over
     the global batch of several processes).
     """
@@ -266,15 +282,12 @@ def topk_training_forward(
         residual = (x - x_hat).detach()
         aux = (sparse_decode(aux_vals, W_dec, aux_active) - residual).pow(2).sum(-1).mean()
     del pre
+    loss = mse + aux_k_coefficient * aux
     with torch.no_grad():
         fired = vals > 0
-        out = {
-            "mse": mse.detach(), "aux": aux.detach(), "sparsity": x.new_zeros(()),
-            "l0": fired.sum().float() / x.shape[0],
-            "counts": torch.bincount(active.cols[fired], minlength=W_enc.shape[1]),
-            "x_hat": x_hat.detach(),
-        }
-        if batch_topk:
-            out["min_active"] = vals[fired].min() if bool(fired.any()) else x.new_zeros(())
-    out["loss"] = mse + aux_k_coefficient * aux
-    return out
+        min_active = (vals[fired].min() if bool(fired.any()) else x.new_zeros(())) if batch_topk else None
+        return StepOut(
+            loss=loss, mse=mse.detach(), sse=(x_hat.detach() - x).pow(2).sum(), aux=aux.detach(),
+            sparsity=x.new_zeros(()), l0=fired.sum().float() / x.shape[0],
+            counts=torch.bincount(active.cols[fired], minlength=W_enc.shape[1]), x_hat=x_hat.detach(), min_active=min_active,
+        )

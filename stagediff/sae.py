@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from stagediff.config import Architecture, SAEConfig, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import load_tensors, read_json, save_tensors, sha256_file, write_json
-from stagediff.kernels import topk_training_forward
+from stagediff.kernels import StepOut, topk_training_forward
 
 ARCHITECTURES = typing.get_args(Architecture)  # checked again here: an SAEConfig may be built without load_config
 SAELENS_ARCH = {"batchtopk": "jumprelu", "topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
@@ -114,15 +114,13 @@ class SAE(nn.Module):
         return [{"params": [self.W_enc, self.W_dec], "lr": lr, "base_lr": lr},
                 {"params": biases, "lr": lr / self.scale, "base_lr": lr / self.scale}]
 
-    def training_forward(self, x_s: Tensor, dead: Tensor | None = None, select: Any = None) -> dict[str, Tensor]:
+    def training_forward(self, x_s: Tensor, dead: Tensor | None = None, select: Any = None) -> StepOut:
         """Losses of one batch of *scaled* activations x_s [B, d_in] (dense path).
 
         `dead` [d_sae] bool marks features unfired for `cfg.dead_tokens` tokens: the aux-k
         loss lets their top `aux_k` pre-activations reconstruct the residual error.
-        Returns loss, mse (per-token squared error, scaled units), l0, aux, sparsity (the
-        L1/L0 penalty term), x_hat (detached, scaled), counts [d_sae] (fires in this batch)
-        and, for batchtopk, min_active (smallest kept activation, for the inference threshold).
-        A sparse kernel replacing this must return the same keys. `select` replaces the
+        Returns a kernels.StepOut (min_active, the smallest kept activation for the inference
+        threshold, for batchtopk only); the sparse kernel returns the same. `select` replaces the
         TopK/BatchTopK selection of the sparse kernel (distributed.batchtopk_select).
         """
         cfg = self.cfg
@@ -133,7 +131,7 @@ class SAE(nn.Module):
                                          batch_topk=cfg.architecture == "batchtopk", dead=dead,
                                          aux_k=cfg.aux_k, aux_k_coefficient=cfg.aux_k_coefficient, select=select)
         pre = (x_s - b_dec) @ self.W_enc + b_enc
-        out: dict[str, Tensor] = {}
+        min_active = None
         sparsity = pre.new_zeros(())
         if cfg.architecture == "topk":
             vals, idx = pre.topk(cfg.k, dim=-1, sorted=False)
@@ -144,7 +142,7 @@ class SAE(nn.Module):
             vals, idx = flat.topk(min(cfg.k * pre.shape[0], flat.numel()), sorted=False)
             f = torch.zeros_like(flat).scatter(-1, idx, vals).view_as(pre)
             kept = vals[vals > 0]
-            out["min_active"] = kept.min().detach() if kept.numel() else pre.new_zeros(())
+            min_active = kept.min().detach() if kept.numel() else pre.new_zeros(())
         elif cfg.architecture == "relu":
             f = pre.relu()
             # L1 weighted by decoder norms, so shrinking W_dec cannot dodge the penalty
@@ -157,12 +155,11 @@ class SAE(nn.Module):
         mse = (x_hat - x_s).pow(2).sum(-1).mean()
         aux = self._aux_k_loss(x_s - x_hat.detach(), pre, dead)
         active = f > 0
-        out.update(
-            loss=mse + cfg.l1_coefficient * sparsity + cfg.aux_k_coefficient * aux,
-            mse=mse.detach(), aux=aux.detach(), sparsity=sparsity.detach(),
-            l0=active.sum(-1).float().mean(), counts=active.sum(0), x_hat=x_hat.detach(),
+        return StepOut(
+            loss=mse + cfg.l1_coefficient * sparsity + cfg.aux_k_coefficient * aux, mse=mse.detach(),
+            sse=(x_hat - x_s).detach().pow(2).sum(), aux=aux.detach(), sparsity=sparsity.detach(),
+            l0=active.sum(-1).float().mean(), counts=active.sum(0), x_hat=x_hat.detach(), min_active=min_active,
         )
-        return out
 
     def _aux_k_loss(self, residual: Tensor, pre: Tensor, dead: Tensor | None) -> Tensor:
         """Gao et al.: the top aux_k dead pre-activations reconstruct the residual (no bias)."""

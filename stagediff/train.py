@@ -30,12 +30,13 @@ from stagediff import distributed
 from stagediff.config import SAEConfig, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import atomic_path, atomic_write, fingerprint, write_json
+from stagediff.kernels import StepOut
 from stagediff.runtime import progress, resolve_device, seed_everything
 from stagediff.sae import CFG, SAE, WEIGHTS
 
 FREQ_SHARE = 0.2  # firing rates and final stats are measured over the last 20% of steps (lr decaying, features settled)
 LOG_LINES = 100  # about this many lines in train_log.jsonl per stage
-MEAN_NORM_ROWS = 65536
+MEAN_NORM_ROWS = 65536  # rows measured for an activation scale (activation_scale)
 
 
 class ActivationSource(Protocol):
@@ -61,12 +62,13 @@ def train_sae(
     seed: int = 0,
     device: torch.device | str = "cpu",
     metadata: dict | None = None,
-    sae_class: type[SAE] = SAE,
+    extra_loss: Callable[[SAE, Tensor], Tensor] | None = None,
     on_record: Callable[[dict], None] | None = None,
 ) -> SAE:
     """Train (or fine-tune from `parent`) one stage's SAE on `tokens` activation rows; save it in `out_dir`.
 
-    `sae_class` lets a variant with its own loss (e.g. the crosscoder's L1) reuse this loop.
+    `extra_loss(sae, x_s)` is added to each batch's loss (x_s: this process's scaled rows): the
+    seam for a variant with a loss of its own, e.g. the crosscoder's L1 penalty.
     `on_record` gets each train_log.jsonl record as it is written (experiment trackers).
 
     Writes cfg.json + sae_weights.safetensors + sparsity.safetensors (SAELens layout),
@@ -75,7 +77,7 @@ def train_sae(
     out_dir = Path(out_dir)
     device = resolve_device(str(device))
     if finished(out_dir):
-        return sae_class.load(out_dir, device=device, expected_d_in=store.d_in)
+        return SAE.load(out_dir, device=device, expected_d_in=store.d_in)
     _check_inputs(store, cfg, tokens, lr, stage, parent, scale)
     steps = math.ceil(tokens / cfg.batch_size)
     parent_sha = parent.sha256() if parent is not None else None
@@ -85,10 +87,10 @@ def train_sae(
     ckpt = _read_checkpoint(ckpt_path, key, device)
 
     if ckpt is not None:
-        sae = sae_class(store.d_in, cfg, scale=ckpt["scale"]).to(device)
+        sae = SAE(store.d_in, cfg, scale=ckpt["scale"]).to(device)
         sae.load_state_dict(ckpt["model"])
     else:
-        sae = initial_sae(store, cfg, parent=parent, scale=scale, seed=seed, sae_class=sae_class).to(device)
+        sae = initial_sae(store, cfg, parent=parent, scale=scale, seed=seed).to(device)
     distributed.broadcast_parameters(sae)  # every rank starts from rank 0's SAE
     opt = torch.optim.Adam(sae.param_groups(lr))
     st = _State.fresh(cfg.d_sae, device) if ckpt is None else _State.restore(ckpt, device)
@@ -116,9 +118,9 @@ def train_sae(
         x_s = x * sae.scale
         mine = x_s[rows]
         out = sae.training_forward(mine, st.since_fired >= cfg.dead_tokens, **({"select": select} if select else {}))
-        out["sse"] = (out["x_hat"] - mine).pow(2).sum()
+        loss = out.loss + extra_loss(sae, mine) if extra_loss is not None else out.loss
         opt.zero_grad(set_to_none=True)
-        (out["loss"] * share if share < 1 else out["loss"]).backward()
+        (loss * share if share < 1 else loss).backward()
         distributed.all_reduce_grads(sae)
         out = distributed.reduce_step(out, share)
         sae.remove_parallel_grad()
@@ -127,9 +129,9 @@ def train_sae(
             group["lr"] = group["base_lr"] * factor
         opt.step()
         sae.normalize_decoder()
-        if "min_active" in out:
-            sae.update_threshold(out["min_active"])
-        _check_finite(sae, out["loss"], stage, step)
+        if out.min_active is not None:
+            sae.update_threshold(out.min_active)
+        _check_finite(sae, loss, stage, step)
 
         st.observe(x_s, out, in_window=step >= window_start)
         st.step = step + 1
@@ -193,26 +195,35 @@ def lr_factor(step: int, steps: int, cfg: SAEConfig) -> float:
 
 
 def initial_sae(store: ActivationSource, cfg: SAEConfig, *, parent: SAE | None = None, scale: float | None = None,
-                seed: int = 0, sae_class: type[SAE] = SAE) -> SAE:
+                seed: int = 0) -> SAE:
     """The SAE at step 0 of a stage, on CPU: an exact copy of `parent`, or a fresh root dictionary.
 
     A root measures the scale (mean norm -> sqrt(d_in)) unless given, initialises on CPU (the
     same init on any device) and sets b_dec to the mean of a batch of activations.
     """
     if parent is not None:
-        sae = sae_class(store.d_in, cfg, scale=parent.scale)
+        sae = SAE(store.d_in, cfg, scale=parent.scale)
         sae.load_state_dict(parent.state_dict())  # every parameter and buffer, exactly
         return sae
     if scale is None:
-        mean_norm = float(store.mean_norm(max_rows=MEAN_NORM_ROWS))
-        if not (math.isfinite(mean_norm) and mean_norm > 0):
-            raise StagediffError(f"the activations have mean norm {mean_norm}: harvest them again (all zero or NaN)")
-        scale = math.sqrt(store.d_in) / mean_norm
-    sae = sae_class(store.d_in, cfg, scale=scale, generator=seed_everything(seed))
+        scale = activation_scale(store)
+    sae = SAE(store.d_in, cfg, scale=scale, generator=seed_everything(seed))
     sample = next(store.batches(cfg.batch_size, seed=seed, device="cpu")).float()
     with torch.no_grad():
         sae.b_dec.copy_(sample.mean(0))  # raw units: the mean of the scaled sample, divided by scale
     return sae
+
+
+def activation_scale(store: Any) -> float:
+    """The factor that brings `store`'s rows to mean norm sqrt(d_in), measured on MEAN_NORM_ROWS rows.
+
+    A root stage's scale, kept by every fine-tune; the crosscoder scales each model's half with it.
+    """
+    mean_norm = float(store.mean_norm(max_rows=MEAN_NORM_ROWS))
+    if not (math.isfinite(mean_norm) and mean_norm > 0):
+        raise StagediffError(f"activation store {getattr(store, 'path', '')} has mean norm {mean_norm} (all zero or NaN): "
+                             "harvest it again")
+    return math.sqrt(store.d_in) / mean_norm
 
 
 class _State:
@@ -233,17 +244,17 @@ class _State:
         return cls(int(ckpt["step"]), *(ckpt[k].to(device) for k in ("since_fired", "window_counts", "acc", "window")),
                    float(ckpt["wall"]))
 
-    def observe(self, x_s: Tensor, out: dict[str, Tensor], in_window: bool) -> None:
+    def observe(self, x_s: Tensor, out: StepOut, in_window: bool) -> None:
         """Count one step: x_s is the whole (global) batch, out its losses, sse and counts."""
-        fired = out["counts"] > 0
+        fired = out.counts > 0
         self.since_fired += x_s.shape[0]
         self.since_fired[fired] = 0
         ss = (x_s - x_s.mean(0)).pow(2).sum()  # explained variance is measured around the batch mean
-        row = torch.stack([out["mse"], out["l0"], out["sse"], ss, torch.ones_like(ss)]).double()
+        row = torch.stack([out.mse, out.l0, out.sse, ss, torch.ones_like(ss)]).double()
         self.acc += row
         if in_window:
             self.window += row
-            self.window_counts += out["counts"]
+            self.window_counts += out.counts
 
     def log_record(self, cfg: SAEConfig, lr: float) -> dict:
         mse, l0, sse, ss, n = self.acc.tolist()

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from stagediff.config import SAEConfig, load_config
-from stagediff.features import read_features
 from stagediff.crosscoder import (
-    _l1_class, crosscoder_scores, decoder_halves, latent_scaling, sum_of_half_norms, train_crosscoder,
+    crosscoder_scores, decoder_halves, latent_scaling, sum_norm_l1, sum_of_half_norms, train_crosscoder,
 )
 from stagediff.errors import StagediffError
+from stagediff.features import read_features
 from stagediff.files import save_tensors, sha256_file, write_json
 from stagediff.sae import SAE
 
@@ -172,15 +172,15 @@ def test_latent_scaling_closed_form():
 
 def test_l1_penalty_uses_sum_of_per_model_norms():
     torch.manual_seed(0)
-    cls = _l1_class(d_base=4, l1=2.0)
-    sae = cls(8, SAEConfig(architecture="relu", d_sae=5, l1_coefficient=0.0))
+    sae = SAE(8, SAEConfig(architecture="relu", d_sae=5, l1_coefficient=0.0), scale=1.5)
     x = torch.randn(32, 8)
-    out = sae.training_forward(x)
-    f = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).relu()
+    term = sum_norm_l1(d_base=4, coefficient=2.0)(sae, x)
+    f = ((x - sae.b_dec * 1.5) @ sae.W_enc + sae.b_enc * 1.5).relu()  # scaled units, as training computes
     penalty = (f * (sae.W_dec[:, :4].norm(dim=1) + sae.W_dec[:, 4:].norm(dim=1))).sum(-1).mean()
-    assert float(out["loss"].detach()) == pytest.approx(float(out["mse"] + 2.0 * penalty.detach()), rel=1e-5)
+    assert float(term) == pytest.approx(2.0 * float(penalty), rel=1e-5) and float(term) > 0
+    assert float(sae.training_forward(x).sparsity) > 0  # the shared relu penalty is there, but weighted by 0 in the loss
     assert torch.allclose(sum_of_half_norms(sae.W_dec, 4), sae.W_dec[:, :4].norm(dim=1) + sae.W_dec[:, 4:].norm(dim=1))
-    out["loss"].backward()  # the penalty reaches the decoder
+    term.backward()  # the penalty reaches the decoder
     assert sae.W_dec.grad is not None and sae.W_dec.grad.abs().sum() > 0
 
 

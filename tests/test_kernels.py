@@ -51,9 +51,9 @@ def compare(tensors, *, rtol=1e-9, atol=1e-11, **kw):
     ref = dense_forward(*tensors, **kw)
     ref_grads = torch.autograd.grad(ref["loss"], tensors)
     out = topk_training_forward(*tensors, **kw)
-    grads = torch.autograd.grad(out["loss"], tensors)
+    grads = torch.autograd.grad(out.loss, tensors)
     for key in ref:
-        a, b = ref[key].detach(), out[key]
+        a, b = ref[key].detach(), getattr(out, key)
         assert a.dtype == b.dtype or key in ("l0",), key
         assert torch.allclose(a.to(b.dtype), b, rtol=rtol, atol=atol), (key, a, b)
     for name, a, b in zip(NAMES, ref_grads, grads):
@@ -68,14 +68,14 @@ def test_same_loss_and_gradients_as_dense(batch_topk, k):
     if not batch_topk:
         k = int(k)
     out = compare(make(48, 12, 80), k=k, batch_topk=batch_topk)
-    assert 0 < float(out["l0"]) <= k
+    assert 0 < float(out.l0) <= k
 
 
 @pytest.mark.parametrize("batch_topk", [False, True])
 def test_aux_k_loss_on_dead_features(batch_topk):
     dead = torch.rand(80, generator=torch.Generator().manual_seed(3)) < 0.3
     out = compare(make(40, 12, 80, seed=1), k=4, batch_topk=batch_topk, dead=dead, aux_k=6, aux_k_coefficient=0.5)
-    assert float(out["aux"]) > 0
+    assert float(out.aux) > 0
     # aux_k above the number of dead features: all dead features take part
     compare(make(40, 12, 80, seed=2), k=4, batch_topk=batch_topk, dead=torch.arange(80) < 3, aux_k=256,
             aux_k_coefficient=1.0)
@@ -86,7 +86,7 @@ def test_k_above_the_active_features(batch_topk):
     # b_enc far below zero: most pre-activations are negative, so k exceeds the positive ones
     tensors = make(32, 10, 40, seed=4, b_enc_shift=-1.5)
     out = compare(tensors, k=30, batch_topk=batch_topk)
-    assert float(out["l0"]) < 30
+    assert float(out.l0) < 30
     compare(make(16, 10, 40, seed=5), k=40, batch_topk=batch_topk)  # k = d_sae
 
 
@@ -97,8 +97,8 @@ def test_batchtopk_rows_without_any_active_feature():
         b_enc -= b_enc.max() + 0.1  # ... which is negative everywhere: nothing fires there
         x[8:] *= 4  # the other rows fire strongly
     out = compare([x, W_enc, b_enc, W_dec, b_dec], k=3, batch_topk=True)
-    assert torch.equal(out["x_hat"][:8], b_dec.detach().expand(8, -1))  # empty rows decode to b_dec
-    assert float(out["l0"]) > 0
+    assert torch.equal(out.x_hat[:8], b_dec.detach().expand(8, -1))  # empty rows decode to b_dec
+    assert float(out.l0) > 0
 
 
 def test_batchtopk_ties_at_the_cut():
@@ -110,9 +110,9 @@ def test_batchtopk_ties_at_the_cut():
     tensors = [x, W_enc, b_enc, W_dec, b_dec]
     ref = dense_forward(*tensors, k=3.5, batch_topk=True)
     out = topk_training_forward(*tensors, k=3.5, batch_topk=True)
-    assert int(out["counts"].sum()) == int(ref["counts"].sum()) == 35
-    assert torch.allclose(ref["loss"], out["loss"], rtol=1e-12)
-    for name, a, b in list(zip(NAMES, torch.autograd.grad(ref["loss"], tensors), torch.autograd.grad(out["loss"], tensors)))[1:]:
+    assert int(out.counts.sum()) == int(ref["counts"].sum()) == 35
+    assert torch.allclose(ref["loss"], out.loss, rtol=1e-12)
+    for name, a, b in list(zip(NAMES, torch.autograd.grad(ref["loss"], tensors), torch.autograd.grad(out.loss, tensors)))[1:]:
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), name
 
 
@@ -142,9 +142,9 @@ def test_bfloat16_runs_and_tracks_fp32():
     tensors16 = [t.detach().bfloat16().requires_grad_() for t in tensors32]
     out32 = topk_training_forward(*tensors32, k=4, batch_topk=False)
     out16 = topk_training_forward(*tensors16, k=4, batch_topk=False)
-    g32 = torch.autograd.grad(out32["loss"], tensors32)
-    g16 = torch.autograd.grad(out16["loss"], tensors16)
-    assert torch.allclose(out16["loss"].float(), out32["loss"], rtol=3e-2)
+    g32 = torch.autograd.grad(out32.loss, tensors32)
+    g16 = torch.autograd.grad(out16.loss, tensors16)
+    assert torch.allclose(out16.loss.float(), out32.loss, rtol=3e-2)
     for name, a, b in zip(NAMES, g32, g16):
         assert b.dtype == torch.bfloat16, name
         assert (b.float() - a).norm() <= 0.05 * a.norm(), name
@@ -169,12 +169,13 @@ def test_sae_training_forward_routes_through_the_kernel(arch):
     for sparse in (True, False):
         sae.sparse_kernel = sparse
         out = sae.training_forward(x, dead)
-        results.append((out, torch.autograd.grad(out["loss"], params)))
+        results.append((out, torch.autograd.grad(out.loss, params)))
     (out_s, g_s), (out_d, g_d) = results
-    assert set(out_s) == set(out_d)
-    assert float(out_s["aux"]) > 0
-    for key in out_d:
-        assert torch.allclose(out_s[key].to(out_d[key].dtype), out_d[key], rtol=1e-9, atol=1e-11), key
+    assert (out_s.min_active is None) == (out_d.min_active is None) == (arch == "topk")
+    assert float(out_s.aux) > 0
+    for key, a, b in zip(out_d._fields, out_s, out_d):
+        if b is not None:
+            assert torch.allclose(a.to(b.dtype), b, rtol=1e-9, atol=1e-11), key
     for a, b in zip(g_s, g_d):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
 
@@ -182,4 +183,4 @@ def test_sae_training_forward_routes_through_the_kernel(arch):
 def test_batchtopk_with_nothing_to_keep():
     """k * B rounding to 0 selects nothing: x_hat = b_dec and zero encoder gradients, as dense."""
     out = compare(make(4, 6, 10, seed=11), k=0.1, batch_topk=True)
-    assert float(out["l0"]) == 0
+    assert float(out.l0) == 0

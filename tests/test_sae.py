@@ -32,8 +32,8 @@ def test_shapes_and_init(arch):
     assert f.shape == (3, 7, 64) and (f >= 0).all()
     assert sae.decode(f).shape == (3, 7, 16) and sae(x).shape == (3, 7, 16)
     out = sae.training_forward(torch.randn(32, 16))
-    assert {"loss", "mse", "l0", "aux", "counts", "x_hat"} <= set(out)
-    assert out["counts"].shape == (64,) and out["x_hat"].shape == (32, 16)
+    assert out.loss.requires_grad and not out.mse.requires_grad and out.l0.item() > 0
+    assert out.counts.shape == (64,) and out.x_hat.shape == (32, 16)
 
 
 def test_topk_keeps_exactly_k_per_row():
@@ -45,16 +45,16 @@ def test_topk_keeps_exactly_k_per_row():
     assert (l0 <= 5).all()
     assert (l0[kth > 0] == 5).all() and (kth > 0).sum() > 150  # k active wherever k pre-activations are positive
     out = sae.training_forward(x * sae.scale)
-    assert out["l0"].item() == pytest.approx(l0.float().mean().item())
+    assert out.l0.item() == pytest.approx(l0.float().mean().item())
 
 
 def test_batchtopk_keeps_k_per_row_on_average():
     sae = _sae("batchtopk", k=5)
     x = torch.randn(256, 16) * 3
     out = sae.training_forward(x * sae.scale)
-    assert out["l0"].item() == pytest.approx(5.0)  # exactly k * B active over the batch ...
-    assert int(out["counts"].sum()) == 5 * 256
-    assert out["min_active"] > 0
+    assert out.l0.item() == pytest.approx(5.0)  # exactly k * B active over the batch ...
+    assert int(out.counts.sum()) == 5 * 256
+    assert out.min_active > 0
 
 
 def test_training_forward_matches_inference_in_raw_units():
@@ -63,7 +63,7 @@ def test_training_forward_matches_inference_in_raw_units():
         sae = _sae(arch)
         x = torch.randn(64, 16) * 3
         out = sae.training_forward(x * sae.scale)
-        assert torch.allclose(out["x_hat"] / sae.scale, sae(x), atol=1e-5, rtol=1e-5), arch
+        assert torch.allclose(out.x_hat / sae.scale, sae(x), atol=1e-5, rtol=1e-5), arch
 
 
 def test_batchtopk_threshold_estimate_gives_inference_l0_near_k():
@@ -72,7 +72,7 @@ def test_batchtopk_threshold_estimate_gives_inference_l0_near_k():
     sae.threshold.zero_()  # as at the start of training: nothing observed yet
     x = torch.randn(4096, 16) * 3
     for i in range(300):
-        sae.update_threshold(sae.training_forward(x[(i * 256) % 4096:][:256] * sae.scale)["min_active"])
+        sae.update_threshold(sae.training_forward(x[(i * 256) % 4096:][:256] * sae.scale).min_active)
     assert torch.all(sae.threshold == sae.threshold[0]) and sae.threshold[0] > 0
     l0 = (sae.encode(x) > 0).sum(-1).float().mean().item()
     assert 3.5 < l0 < 6.5
@@ -81,19 +81,19 @@ def test_batchtopk_threshold_estimate_gives_inference_l0_near_k():
 def test_relu_l1_is_weighted_by_decoder_norm():
     sae = _sae("relu")
     x = torch.randn(32, 16) * 3
-    base = sae.training_forward(x * sae.scale)["sparsity"]
+    base = sae.training_forward(x * sae.scale).sparsity
     with torch.no_grad():
         sae.W_dec.mul_(2.0)
-    assert sae.training_forward(x * sae.scale)["sparsity"] == pytest.approx(2 * base.item(), rel=1e-5)
+    assert sae.training_forward(x * sae.scale).sparsity == pytest.approx(2 * base.item(), rel=1e-5)
 
 
 def test_jumprelu_threshold_learns_through_straight_through_estimator():
     cfg = SAEConfig(architecture="jumprelu", d_sae=64, jumprelu_bandwidth=0.5, jumprelu_init_threshold=0.5)
     sae = SAE(16, cfg, scale=1.0, generator=torch.Generator().manual_seed(0))
     out = sae.training_forward(torch.randn(256, 16) * 3)
-    out["loss"].backward()
+    out.loss.backward()
     assert sae.threshold.grad is not None and sae.threshold.grad.abs().sum() > 0
-    assert out["sparsity"] == pytest.approx(out["l0"].item())  # the L0 penalty counts the active features
+    assert out.sparsity == pytest.approx(out.l0.item())  # the L0 penalty counts the active features
 
 
 def test_aux_k_loss_only_trains_dead_features():
@@ -101,21 +101,21 @@ def test_aux_k_loss_only_trains_dead_features():
     dead = torch.zeros(64, dtype=torch.bool)
     dead[:20] = True
     x = torch.randn(128, 16) * 3 * sae.scale
-    assert sae.training_forward(x)["aux"] == 0
+    assert sae.training_forward(x).aux == 0
     grads = []
     for mask in (None, dead):
         sae.zero_grad()
         out = sae.training_forward(x, mask)
-        out["loss"].backward()
+        out.loss.backward()
         grads.append(sae.W_dec.grad.clone())
-    assert out["aux"] > 0
+    assert out.aux > 0
     extra = grads[1] - grads[0]  # what the aux-k term adds: only on the dead features' decoder rows
     assert extra[20:].abs().sum() == 0 and extra[:20].abs().sum() > 0
 
 
 def test_parallel_gradient_removed_and_rows_renormalised():
     sae = _sae("topk")
-    sae.training_forward(torch.randn(64, 16))["loss"].backward()
+    sae.training_forward(torch.randn(64, 16)).loss.backward()
     sae.remove_parallel_grad()
     assert (sae.W_dec.grad * sae.W_dec).sum(1).abs().max() < 1e-5
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_batchtopk_reloads_for_training_not_as_jumprelu(tmp_path):
     back = SAE.load(tmp_path)
     assert back.architecture == "batchtopk"
     assert "threshold" in dict(back.named_buffers()) and "threshold" not in dict(back.named_parameters())
-    assert back.training_forward(torch.randn(64, 16))["l0"].item() == pytest.approx(5.0)
+    assert back.training_forward(torch.randn(64, 16)).l0.item() == pytest.approx(5.0)
 
 
 def test_wrong_shapes_and_width_are_clear_errors(tmp_path):

@@ -109,6 +109,20 @@ def test_other_architectures_train_with_unit_decoder_rows(tmp_path, arch):
     assert SAE.load(tmp_path).architecture == arch
 
 
+def test_extra_loss_is_added_to_every_step(tmp_path):
+    """The seam for a variant's own loss (the crosscoder's L1): a penalty on b_dec pulls it toward 0."""
+    x = planted(directions(), n=5000)
+    kw = dict(tokens=256 * 60, lr=3e-3, stage="S", seed=1)
+    plain = train_sae(TensorStore(x), CFG, out_dir=tmp_path / "plain", **kw)
+    pulled = train_sae(TensorStore(x), CFG, out_dir=tmp_path / "pulled", extra_loss=lambda sae, x_s: 10 * sae.b_dec.pow(2).sum(),
+                       **kw)
+    # the same run but for the penalty: every coordinate of b_dec (~3, the data's offset) moved toward 0,
+    # about as far as Adam's steps allow (60 steps of lr / scale ~ 0.01 in raw units)
+    assert float(plain.b_dec.min()) > 1.5
+    shift = plain.b_dec - pulled.b_dec  # 0 everywhere without the hook: same seed, same batches
+    assert float(shift.min()) > 0.1 and float(shift.mean()) > 0.3
+
+
 def test_finetune_starts_exactly_at_parent(stage_s):
     parent, out, dirs = stage_s
     loaded = SAE.load(out)
