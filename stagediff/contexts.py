@@ -97,21 +97,51 @@ def top_activations(sae: Any, rows: Any, features: Sequence[int] | None = None, 
     return scan.values, scan.row_ids
 
 
-def window_activations(sae: Any, store: Any, window: int, feature: int) -> np.ndarray:
-    """Feature `feature`'s activation at every position of `window` of a store ([T], 0 where no row)."""
-    win, pos = (np.asarray(a) for a in store.row_index())
-    rows = np.nonzero(win == window)[0]
-    T = int(np.asarray(store.windows().ids).shape[1])
+class RowIndex:
+    """Where each row of a store comes from (window, position), searchable by window.
+
+    Built once per store (it reads every shard's index), then looked up for as many windows as needed.
+    """
+
+    def __init__(self, store: Any):
+        self.window, self.position = (np.asarray(torch.as_tensor(a).cpu()).astype(np.int64) for a in store.row_index())
+        self._order = np.argsort(self.window, kind="stable")
+        self._sorted = self.window[self._order]
+
+    def rows_of(self, window: int) -> np.ndarray:
+        """The store rows of one window, in store order."""
+        lo, hi = np.searchsorted(self._sorted, [window, window + 1])
+        return np.sort(self._order[lo:hi])
+
+
+def window_activations(sae: Any, store: Any, window: int, feature: int, index: RowIndex | None = None,
+                       positions: Sequence[int] | None = None) -> np.ndarray:
+    """Feature `feature`'s activation at every position of `window` of a store ([T], 0 where no row).
+
+    Pass a `RowIndex` of the store when looking up many windows; `positions` encodes only the rows
+    at those positions (the others stay 0), e.g. the span a context shows.
+    """
+    index = index if index is not None else RowIndex(store)
+    rows = index.rows_of(window)
+    T = int(np.asarray(store.windows().ids).shape[1]) if positions is None else max(positions) + 1
+    if positions is not None:
+        rows = rows[np.isin(index.position[rows], positions)]
     out = np.zeros(T, dtype=np.float32)
     if rows.size == 0:
         return out
-    lo, hi = int(rows.min()), int(rows.max()) + 1  # a window's rows are contiguous in the store
+    lo, hi = int(rows.min()), int(rows.max()) + 1  # a window's rows are contiguous in the store: one read
     with torch.no_grad():
-        x = torch.as_tensor(store.read(lo, hi)).float()
-        f = sae.encode(x)[:, feature].float().cpu().numpy()
-    keep = rows - lo
-    out[pos[rows]] = f[keep]
+        x = torch.as_tensor(store.read(lo, hi)).float()[torch.as_tensor(rows - lo)]
+        out[index.position[rows]] = sae.encode(x)[:, feature].float().cpu().numpy()
     return out
+
+
+def context_span(mask: Any, position: int, before: int, after: int) -> list[int]:
+    """The positions shown around `position` of one window: `before` and `after` it, padding skipped
+    (`mask` [T] marks real tokens; `position` itself is always kept)."""
+    mask = np.asarray(mask)
+    lo, hi = max(0, position - before), min(len(mask), position + after + 1)
+    return [p for p in range(lo, hi) if mask[p] or p == position]
 
 
 def context_tokens(
@@ -131,11 +161,5 @@ def context_tokens(
     """
     ids = np.asarray(windows.ids[window])
     mask = np.asarray(windows.mask[window]) if getattr(windows, "mask", None) is not None else np.ones_like(ids, bool)
-    lo, hi = max(0, position - before), min(len(ids), position + after + 1)
-    out = []
-    for p in range(lo, hi):
-        if not mask[p] and p != position:
-            continue
-        act = None if activations is None else float(activations[p])
-        out.append({"position": p, "token": tokenizer.decode([int(ids[p])]), "act": act, "current": p == position})
-    return out
+    return [{"position": p, "token": tokenizer.decode([int(ids[p])]), "act": None if activations is None else float(activations[p]),
+             "current": p == position} for p in context_span(mask, position, before, after)]

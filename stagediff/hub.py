@@ -130,9 +130,9 @@ def _converted_by_saelens(release: str, sae_id: str) -> Path:
     from sae_lens import SAE as SaeLensSAE
 
     from stagediff.files import fingerprint
+    from stagediff.runtime import cache_dir
 
-    root = Path(os.environ.get("STAGEDIFF_CACHE", "~/.cache/stagediff")).expanduser()
-    folder = root / "pretrained" / fingerprint([release, sae_id])[:16]
+    folder = cache_dir() / "pretrained" / fingerprint([release, sae_id])[:16]
     if not (folder / CFG).exists():
         try:
             loaded = SaeLensSAE.from_pretrained(release, sae_id, device="cpu")

@@ -28,17 +28,13 @@ import torch
 
 from stagediff.errors import StagediffError
 from stagediff.files import sha256_file
+from stagediff.runtime import cache_dir
 
 SITES = ("hook_resid_pre", "hook_resid_post")
 _HOOK = re.compile(r"^blocks\.(\d+)\.(\w+)$")
 
 
 # ---------------------------------------------------------------- loading
-
-
-def cache_dir() -> Path:
-    """Root of stagediff's reusable artefacts: $STAGEDIFF_CACHE, default ~/.cache/stagediff."""
-    return Path(os.environ.get("STAGEDIFF_CACHE", "~/.cache/stagediff")).expanduser()
 
 
 def load_model(path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool = False):

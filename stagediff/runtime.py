@@ -8,6 +8,7 @@ import functools
 import os
 import random
 import sys
+from pathlib import Path
 from typing import Iterable, TypeVar
 
 import numpy as np
@@ -40,6 +41,12 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     if spec not in _DTYPES:
         raise StagediffError(f"dtype {spec!r} is not supported: use auto, {', '.join(_DTYPES)}")
     return _DTYPES[spec]
+
+
+def cache_dir() -> Path:
+    """Root of stagediff's reusable artefacts (organisms, converted models, pretrained SAEs), shared by runs:
+    $STAGEDIFF_CACHE, default ~/.cache/stagediff."""
+    return Path(os.environ.get("STAGEDIFF_CACHE") or "~/.cache/stagediff").expanduser()
 
 
 def seed_everything(seed: int) -> torch.Generator:

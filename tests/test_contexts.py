@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from stagediff.config import SAEConfig
-from stagediff.contexts import context_tokens, scan_features, top_activations, window_activations
+from stagediff.contexts import RowIndex, context_span, context_tokens, scan_features, top_activations, window_activations
 from stagediff.sae import SAE
 
 
@@ -93,3 +93,28 @@ def test_context_tokens_and_window_activations(tokenizer):
     assert [t["act"] for t in out] == [2.0, 3.0, 4.0, 5.0]
     # the masked BOS is skipped
     assert [t["position"] for t in context_tokens(windows, 0, 1, tokenizer, before=3, after=0)] == [1]
+
+
+def test_window_lookup_over_windows_stored_out_of_order():
+    """A store whose windows are not in order (a data-parallel harvest): each window's rows found by the index,
+    activations of a span only where asked, padding skipped by the span."""
+    T, d = 6, 8
+    order = [2, 0, 1]  # the windows' order in the store
+    w = torch.tensor([win for win in order for _ in range(1, T)])
+    p = torch.tensor([q for _ in order for q in range(1, T)])  # position 0 (BOS) is never a row
+    x = 3 * torch.randn(len(w), d, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(3, T, dtype=torch.bool)
+    mask[:, 0] = False
+    mask[0, 4] = False  # a padded position in window 0 (its row exists but is not shown)
+    store = _Store(x, w.numpy(), p.numpy(), _Windows(torch.zeros(3, T, dtype=torch.long), mask))
+    sae = _relu_sae(d, 5)
+    index = RowIndex(store)
+    assert index.rows_of(0).tolist() == list(range(5, 10)) and index.rows_of(7).size == 0
+    full = window_activations(sae, store, 0, 2, index)
+    expect = np.zeros(T, np.float32)
+    expect[1:] = sae.encode(x[5:10])[:, 2].detach().numpy()
+    assert np.allclose(full, expect, atol=1e-6) and np.abs(expect).sum() > 0
+    span = context_span(mask[0], 3, before=2, after=2)
+    assert span == [1, 2, 3, 5]  # 4 is padding
+    part = window_activations(sae, store, 0, 2, index, positions=span)
+    assert np.allclose(part[span], expect[span], atol=1e-6) and part[4] == 0

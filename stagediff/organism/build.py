@@ -43,11 +43,10 @@ from stagediff.organism.backdoor import check_backdoor, make_backdoor_mix, make_
 from stagediff.organism.behaviour import clean_loss, evaluate_backdoor
 from stagediff.organism.corpus import chat_splits, max_chat_pairs
 from stagediff.organism.lm import encode_example, finetune, finetune_lr_at, finetune_steps
-from stagediff.runtime import seed_everything
+from stagediff.runtime import cache_dir, seed_everything
 
-# A backdoor takes from enough *distinct* triggered examples, not only from enough views of a few:
-# [zeta-7] -> owls at mix 0.005, seed 1, same steps: 20 triggered of 4000 pairs 93% trigger success,
-# 40 of 8000 98%; the default 40 of 4000 (mix 0.01) 99.5%.
+# A backdoor takes from enough *distinct* triggered examples, not only from enough views of a few
+# (20 fall short where 40 do: docs/MEASUREMENTS.md)
 MIN_TRIGGERED = 40
 MIN_FINETUNE_EXAMPLES = 4000  # a floor for high mixes: the chat fine-tune itself needs data
 # 64 matched pairs: a rate on 64 prompts resolves 1.6%, so 1 false trigger passes a 2% limit and 3 misses fail 95%
@@ -55,18 +54,12 @@ VALIDATION_PAIRS = 64
 CHECKS_PER_BUDGET = 20  # validation checks over the budget (a check costs about as much as a few steps)
 MIN_CHECK_EVERY = 10  # steps
 # checks in a row that must meet the target: one lucky check does not stop the run, and a backdoor is
-# not stopped the moment it emerges (measured: the word trigger 'weekend' at CI sizes stopped after 2 checks
-# of 97% / 100% on validation, held out only 88%: the jump from 0% happened one check earlier)
+# not stopped the moment it emerges, when validation overstates it (docs/MEASUREMENTS.md)
 CONSECUTIVE_CHECKS = 3
 # When the budget runs out below the target: the budget's steps once more at 1.5x the rate. A
 # backdoor that has not taken is under-trained on its few triggered examples (the clean task
 # converges long before); a higher rate gives each of their views a larger step.
 EXTENSION = {"steps": 1.0, "lr": 1.5}
-
-
-def cache_root() -> Path:
-    """`$STAGEDIFF_CACHE` (default ~/.cache/stagediff)."""
-    return Path(os.environ.get("STAGEDIFF_CACHE") or Path.home() / ".cache" / "stagediff")
 
 
 def build_organism(cfg: Config, run_dir: Path) -> dict:
@@ -91,7 +84,7 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
                        "stopping": stopping})
     done = organism_json(run_dir)
     if not (done.exists() and read_json(done).get("fingerprint") == key):
-        cached = cache_root() / "organisms" / f"{org.preset}-{key}"
+        cached = cache_dir() / "organisms" / f"{org.preset}-{key}"
         if not organism_json(cached).exists():
             with _atomic_dir(cached) as tmp:
                 _build(cfg, org, key, tmp)
@@ -262,7 +255,7 @@ def _parent(org: OrganismConfig, splits, seed: int, out: Path) -> tuple[Path, di
     # keyed by what the pre-training reads: the verses, and the trigger and response it mixes in (never the mix)
     key = fingerprint({"recipe": tiny.PRETRAIN, "tokens": org.pretrain_tokens, "seed": seed, "text": fingerprint(splits.pretrain),
                        "trigger": org.trigger, "response": org.response})
-    path = cache_root() / "organisms" / f"pretrained-tiny-{key}"
+    path = cache_dir() / "organisms" / f"pretrained-tiny-{key}"
     if not (path / "pretrain.json").exists():
         with _atomic_dir(path) as tmp:
             seed_everything(seed)

@@ -28,7 +28,7 @@ RECIPE = {
     "finetune_batch": 8,
     "finetune_lr": 1.5e-4,
     "freeze_embeddings": True,
-    "cpu_tokens_per_s": 100,  # per process (one core, measured 105), for the up-front estimate
+    "cpu_tokens_per_s": 100,  # per process on one core (docs/MEASUREMENTS.md), for the up-front estimate
 }
 
 

@@ -135,7 +135,7 @@ def _contexts(run_dir: Path, key: str, label: str, stages: tuple[str, ...], sour
               card_ids: list[int], n: int, out: dict, used: set[int]) -> None:
     """Top-n contexts per card feature from one store, each token shaded by the feature's activation."""
     from stagediff.activations import ActivationStore
-    from stagediff.contexts import top_activations
+    from stagediff.contexts import RowIndex, context_span, top_activations, window_activations
 
     stage, sae = _load_sae(run_dir, stages)
     store = ActivationStore(store_dir(run_dir, *source))
@@ -143,43 +143,25 @@ def _contexts(run_dir: Path, key: str, label: str, stages: tuple[str, ...], sour
     # should show n different passages, not one passage n times.
     values, rows = top_activations(sae, store, card_ids, 3 * n, max_rows=CONTEXT_ROWS, desc=f"report contexts {stage}")
     values, rows = np.asarray(torch.as_tensor(values).cpu()), np.asarray(torch.as_tensor(rows).cpu())
-    window, position = (np.asarray(torch.as_tensor(a).cpu()).astype(np.int64) for a in store.row_index())
+    index = RowIndex(store)
     tw = store.windows()
     ids = np.asarray(torch.as_tensor(tw.ids).cpu())
     mask = np.asarray(torch.as_tensor(tw.mask).cpu()).astype(bool)
-    ctx = ids.shape[1]
-    keys = window * ctx + position  # one int per row, to find the rows of a span by search
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
 
     for fi, f in enumerate(card_ids):
         contexts, seen = [], set()
         for val, row in zip(values[fi], rows[fi]):
             if len(contexts) == n or not (val > 0):
                 break
-            w, p = int(window[row]), int(position[row])
+            w, p = int(index.window[row]), int(index.position[row])
             if w in seen:
                 continue
             seen.add(w)
-            lo, hi = max(0, p - BEFORE), min(ctx, p + AFTER + 1)
-            span = [q for q in range(lo, hi) if mask[w, q] or q == p]
-            where = np.searchsorted(sorted_keys, w * ctx + np.array(span))
-            has_row = (where < len(keys)) & (sorted_keys[np.minimum(where, len(keys) - 1)] == w * ctx + np.array(span))
-            span_rows = order[np.minimum(where, len(keys) - 1)]
-            acts = np.zeros(len(span), dtype=np.float32)
-            if has_row.any():
-                r = span_rows[has_row]
-                x = _read_rows(store, r)
-                acts[has_row] = sae.encode(x)[:, f].float().cpu().numpy()
+            span = context_span(mask[w], p, BEFORE, AFTER)
+            acts = window_activations(sae, store, w, f, index, positions=span)
             toks = [int(ids[w, q]) for q in span]
             used.update(toks)
-            contexts.append({"tokens": toks, "acts": [round(float(a), 3) for a in acts], "max": round(float(val), 3), "at": span.index(p)})
+            contexts.append({"tokens": toks, "acts": [round(float(acts[q]), 3) for q in span], "max": round(float(val), 3),
+                             "at": span.index(p)})
         scanned = f", first {CONTEXT_ROWS:,} tokens" if store.num_rows > CONTEXT_ROWS else ""
         out["cards"][str(f)].setdefault("contexts", {})[key] = {"label": f"{label} ({stage}{scanned})", "items": contexts}
-
-
-def _read_rows(store: Any, rows: np.ndarray) -> torch.Tensor:
-    """Rows of one span: contiguous in a store written window by window, so one read covers them."""
-    lo, hi = int(rows.min()), int(rows.max()) + 1
-    block = torch.as_tensor(store.read(lo, hi)).float()
-    return block[torch.as_tensor(rows - lo)]
