@@ -113,7 +113,7 @@ def child_train(a: argparse.Namespace) -> dict:
         activations.BUFFER_BYTES = a.buffer_mib << 20
     store = activations.ActivationStore(a.store)
     cfg = SAEConfig(d_sae=8 * store.d_in, k=32, batch_size=a.train_batch, checkpoint_every=50)
-    stats = train_sae(store, cfg, tokens=store.num_rows, lr=3e-4, out_dir=Path(a.store).parent / "sae", stage="S")
+    stats = train_sae(store, cfg, tokens=store.num_rows, out_dir=Path(a.store).parent / "sae", stage="S")
     return {"rows": store.num_rows, "steps": -(-store.num_rows // cfg.batch_size), "d_sae": stats.d_sae}
 
 

@@ -73,12 +73,8 @@ def harvest(models: dict, windows: TokenWindows | WindowsFile, hook: str, out_di
     if len({Path(d).resolve() for d in out_dirs.values()}) < len(out_dirs):
         raise StagediffError(f"harvest needs one output folder per model, got {out_dirs}")
     digest = windows.digest()
-    identity = {key: {
-        "format": FORMAT, "meta": meta.get(key, {}), "hook": hook, "d_in": hidden_size(model),
-        "dtype": str(dtype).removeprefix("torch."), "context_size": windows.context_size,
-        "num_windows": len(windows), "windows_sha256": digest, "num_rows": windows.num_tokens,
-        "shard_rows": shard_rows,
-    } for key, model in models.items()}
+    identity = {key: _identity(meta.get(key, {}), hook, hidden_size(model), dtype, windows, digest, shard_rows)
+                for key, model in models.items()}
     with distributed.main_first():  # rank 0 (re)starts the stores; the others then find them as left
         writers = {key: _Writer(Path(out_dirs[key]), identity[key], windows, dtype) for key in models}
     todo = {k: w for k, w in writers.items() if not w.complete}
@@ -98,6 +94,45 @@ def harvest(models: dict, windows: TokenWindows | WindowsFile, hook: str, out_di
                 _merge_parts(w.folder, world)
         distributed.barrier()
     return {key: ActivationStore(out_dirs[key]) for key in models}
+
+
+def write_store(path: str | Path, rows: torch.Tensor, *, window: torch.Tensor | None = None,
+                position: torch.Tensor | None = None, windows: TokenWindows | None = None, hook: str = "",
+                shard_rows: int = 65536, dtype: torch.dtype | None = None, meta: dict | None = None) -> "ActivationStore":
+    """Write activation rows you already have as a finished store, in the very layout `harvest` writes.
+
+    rows [n, d_in] in store order; window / position [n]: where each row comes from (default: row i
+    is position 0 of window i); windows: the token windows they index (default: placeholder windows of
+    token id 0 with exactly those positions kept, so two stores written with the same window / position
+    pair up row by row, as a harvest's do). dtype: the storage dtype (default: that of `rows`).
+    A store already there with the same identity is kept as it is.
+    """
+    rows = torch.as_tensor(rows)
+    n = len(rows)
+    window = torch.arange(n) if window is None else torch.as_tensor(window).long()
+    position = torch.zeros(n, dtype=torch.int32) if position is None else torch.as_tensor(position).to(torch.int32)
+    if len(window) != n or len(position) != n or rows.ndim != 2:
+        raise StagediffError(f"write_store needs rows [n, d_in] and n windows and positions, got rows {tuple(rows.shape)}, "
+                             f"{len(window)} windows, {len(position)} positions")
+    if windows is None:
+        mask = torch.zeros(int(window.max()) + 1 if n else 0, int(position.max()) + 1 if n else 1, dtype=torch.bool)
+        mask[window, position.long()] = True
+        windows = TokenWindows(ids=torch.zeros(mask.shape, dtype=torch.long), mask=mask)
+    dtype = dtype or rows.dtype
+    identity = {**_identity(meta or {}, hook, rows.shape[1], dtype, windows, windows.digest(), shard_rows), "num_rows": n}
+    writer = _Writer(Path(path), identity, windows, dtype)
+    if not writer.complete:
+        for job in writer.add(rows.to(dtype), window, position, 0) + writer.finish():
+            job()
+    return ActivationStore(path)
+
+
+def _identity(meta: dict, hook: str, d_in: int, dtype: torch.dtype, windows: TokenWindows | WindowsFile, digest: str,
+              shard_rows: int) -> dict:
+    """What a store is made of (its manifest's head): a store with the same identity is the same store."""
+    return {"format": FORMAT, "meta": meta, "hook": hook, "d_in": d_in, "dtype": str(dtype).removeprefix("torch."),
+            "context_size": windows.context_size, "num_windows": len(windows), "windows_sha256": digest,
+            "num_rows": windows.num_tokens, "shard_rows": shard_rows}
 
 
 def _merge_parts(folder: Path, world: int) -> None:

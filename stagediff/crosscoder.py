@@ -243,7 +243,7 @@ def train_crosscoder(run_dir: Path, cfg: Config) -> Path:
                        "layout": "input [x_base*scale_base, x_ft*scale_ft]; W_dec[:, :d_model] base, [:, d_model:] fine-tuned"},
     }
     extra_loss = sum_norm_l1(store.d_base, cc.l1_coefficient) if cc.architecture == "l1" else None
-    sae = train_sae(store, sae_cfg, tokens=tokens, lr=lr, out_dir=out, stage="crosscoder", scale=1.0,
+    sae = train_sae(store, sae_cfg, tokens=tokens, out_dir=out, stage="crosscoder", scale=1.0,
                     seed=cfg.seed, device=device, metadata=meta, extra_loss=extra_loss)
     # always measured (one pass over LS_ROWS rows), so features.csv carries both rankings
     ls = latent_scaling(sae, store.batches(4096, seed=cfg.seed + 1, device=device), store.d_base)

@@ -96,7 +96,7 @@ def train_diffsae(run_dir: Path, cfg: Config) -> Path:
         "dataset_path": f"{cfg.base_data.path} + {cfg.finetune_data.path}",
         "diffsae": {"input": "x_finetuned - x_base (raw units)", "data": ["base", "finetune"], "tokens": tokens},
     }
-    sae = train_sae(rows, diffsae_sae_config(cfg), tokens=tokens, lr=lr, out_dir=out, stage="diffsae",
+    sae = train_sae(rows, dataclasses.replace(diffsae_sae_config(cfg), lr=lr), tokens=tokens, out_dir=out, stage="diffsae",
                     seed=cfg.seed, device=device, metadata=meta)
     # statistics on a fresh draw of rows (another seed than training's first batches)
     sample = next(pairs.batches(STATS_ROWS, seed=cfg.seed + 1))

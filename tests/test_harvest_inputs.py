@@ -61,7 +61,7 @@ def test_bfloat16_store_is_read_by_training(cfg_of, tmp_path):
     assert store.manifest["dtype"] == "bfloat16"
     batch = next(store.batches(64, seed=0))
     assert batch.dtype == torch.float32 and batch.shape == (64, 64) and batch.abs().sum() > 0
-    sae = train_sae(store, SAEConfig(d_sae=128, k=4, batch_size=128, warmup_steps=2), tokens=1280, lr=1e-3,
+    sae = train_sae(store, SAEConfig(d_sae=128, k=4, lr=1e-3, batch_size=128, warmup_steps=2), tokens=1280,
                     out_dir=tmp_path / "S", stage="S")
     assert torch.isfinite(sae.W_dec).all()
 

@@ -577,7 +577,7 @@ def test_same_seed_same_sae_other_seed_not(reference, tmp_path):
     cfg = SAEConfig(d_sae=64, k=4, lr=1e-3, batch_size=128, warmup_steps=2, checkpoint_every=4, dead_tokens=2000)
     blobs = {}
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        train_sae(store, cfg, tokens=1280, lr=1e-3, out_dir=tmp_path / name, stage="S", seed=seed)
+        train_sae(store, cfg, tokens=1280, out_dir=tmp_path / name, stage="S", seed=seed)
         blobs[name] = (tmp_path / name / "sae_weights.safetensors").read_bytes()
     assert blobs["a"] == blobs["b"]
     assert blobs["a"] != blobs["c"]

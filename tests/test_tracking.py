@@ -17,7 +17,7 @@ from test_train import CFG, TensorStore, directions, planted
 
 def _train(tmp_path, trackers, stage="S"):
     torch.set_num_threads(1)
-    train_sae(TensorStore(planted(directions())), CFG, tokens=256 * 60, lr=3e-3, out_dir=tmp_path / stage, stage=stage,
+    train_sae(TensorStore(planted(directions())), CFG, tokens=256 * 60, out_dir=tmp_path / stage, stage=stage,
               on_record=trackers.hook(stage))
     return [json.loads(line) for line in (tmp_path / stage / "train_log.jsonl").read_text().splitlines()]
 

@@ -15,8 +15,9 @@ from stagediff.sae import SAE, weights_sha256
 from stagediff.train import initial_sae, train_sae
 
 D_IN, N_FEAT = 32, 48
-CFG = SAEConfig(architecture="batchtopk", d_sae=96, k=6, batch_size=256, warmup_steps=10, dead_tokens=5000,
+CFG = SAEConfig(architecture="batchtopk", d_sae=96, k=6, lr=3e-3, batch_size=256, warmup_steps=10, dead_tokens=5000,
                 checkpoint_every=10)
+FT_CFG = dataclasses.replace(CFG, lr=6e-4)  # a fine-tune's rate
 
 
 class TensorStore:
@@ -69,7 +70,7 @@ def stage_s(tmp_path_factory):
     """Stage S: a BatchTopK dictionary trained from scratch on planted features (shared by several tests)."""
     dirs = directions()
     out = tmp_path_factory.mktemp("S")
-    sae = train_sae(TensorStore(planted(dirs)), CFG, tokens=256 * 400, lr=3e-3, out_dir=out, stage="S",
+    sae = train_sae(TensorStore(planted(dirs)), CFG, tokens=256 * 400, out_dir=out, stage="S",
                     metadata={"model_name": "synthetic", "hook_name": "blocks.0.hook_resid_post"})
     return sae, out, dirs
 
@@ -100,7 +101,7 @@ def test_root_stage_learns_planted_features(stage_s):
 def test_other_architectures_train_with_unit_decoder_rows(tmp_path, arch):
     cfg = dataclasses.replace(CFG, architecture=arch, l1_coefficient=0.05, jumprelu_bandwidth=0.05,
                               jumprelu_init_threshold=0.1)
-    sae = train_sae(TensorStore(planted(directions())), cfg, tokens=256 * 150, lr=3e-3, out_dir=tmp_path, stage="S")
+    sae = train_sae(TensorStore(planted(directions())), cfg, tokens=256 * 150, out_dir=tmp_path, stage="S")
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(96), atol=1e-5)
     assert stats["explained_variance"] > 0.6, stats
@@ -112,7 +113,7 @@ def test_other_architectures_train_with_unit_decoder_rows(tmp_path, arch):
 def test_extra_loss_is_added_to_every_step(tmp_path):
     """The seam for a variant's own loss (the crosscoder's L1): a penalty on b_dec pulls it toward 0."""
     x = planted(directions(), n=5000)
-    kw = dict(tokens=256 * 60, lr=3e-3, stage="S", seed=1)
+    kw = dict(tokens=256 * 60, stage="S", seed=1)
     plain = train_sae(TensorStore(x), CFG, out_dir=tmp_path / "plain", **kw)
     pulled = train_sae(TensorStore(x), CFG, out_dir=tmp_path / "pulled", extra_loss=lambda sae, x_s: 10 * sae.b_dec.pow(2).sum(),
                        **kw)
@@ -148,17 +149,18 @@ def test_finetune_keeps_features_and_finds_the_moved_one(stage_s, tmp_path):
     assert best.values[j] > 0.98
     live = load_tensors(out / "sparsity.safetensors")["sparsity"] > -4
 
-    same = train_sae(TensorStore(planted(dirs, seed=1)), CFG, tokens=256 * 150, lr=6e-4, out_dir=tmp_path / "D",
+    same = train_sae(TensorStore(planted(dirs, seed=1)), FT_CFG, tokens=256 * 150, out_dir=tmp_path / "D",
                      stage="D", parent=parent)
     cos_same = _cosines(parent, same)
     assert cos_same[live].min() > 0.95 and same.scale == parent.scale
     meta = json.loads((tmp_path / "D" / "cfg.json").read_text())["metadata"]
     assert meta["parent_stage"] == "S" and meta["parent_sha256"] == weights_sha256(out)
+    assert meta["lr"] == meta["stagediff"]["sae"]["lr"] == 6e-4  # the rate is the config's: one source
 
     moved = dirs.clone()
     moved[j] = dirs[j] * 0.8 + 0.6 * torch.linalg.qr(torch.stack([dirs[j], torch.randn(D_IN, generator=torch.Generator().manual_seed(7))]).T)[0][:, 1]
     moved[j] /= moved[j].norm()
-    shifted = train_sae(TensorStore(planted(moved, seed=1)), CFG, tokens=256 * 150, lr=6e-4,
+    shifted = train_sae(TensorStore(planted(moved, seed=1)), FT_CFG, tokens=256 * 150,
                         out_dir=tmp_path / "M", stage="M", parent=parent)
     cos_shift = _cosines(parent, shifted)
     cos_shift[~live] = 2.0
@@ -166,15 +168,17 @@ def test_finetune_keeps_features_and_finds_the_moved_one(stage_s, tmp_path):
     assert 1 - cos_shift[match] > 3 * (1 - cos_same[match])  # well above its drift on unchanged data
 
 
-def test_resume_after_interruption_is_bit_identical(tmp_path):
+def test_resume_after_interruption_is_bit_identical(tmp_path, capsys):
     x = planted(directions(), n=5000)
     tokens = 256 * 45
-    full = train_sae(TensorStore(x), CFG, tokens=tokens, lr=3e-3, out_dir=tmp_path / "full", stage="S", seed=4)
+    full = train_sae(TensorStore(x), CFG, tokens=tokens, out_dir=tmp_path / "full", stage="S", seed=4)
     with pytest.raises(RuntimeError, match="injected"):
-        train_sae(TensorStore(x, fail_at_step=27), CFG, tokens=tokens, lr=3e-3, out_dir=tmp_path / "cut", stage="S",
+        train_sae(TensorStore(x, fail_at_step=27), CFG, tokens=tokens, out_dir=tmp_path / "cut", stage="S",
                   seed=4)
     assert (tmp_path / "cut" / "checkpoint" / "state.pt").exists() and not (tmp_path / "cut" / "cfg.json").exists()
-    resumed = train_sae(TensorStore(x), CFG, tokens=tokens, lr=3e-3, out_dir=tmp_path / "cut", stage="S", seed=4)
+    capsys.readouterr()
+    resumed = train_sae(TensorStore(x), CFG, tokens=tokens, out_dir=tmp_path / "cut", stage="S", seed=4)
+    assert "stage S resumes from its checkpoint at step 20 of 45" in capsys.readouterr().out  # announced
     for name, t in full.state_dict().items():
         assert torch.equal(t, resumed.state_dict()[name]), name
     assert weights_sha256(tmp_path / "full") == weights_sha256(tmp_path / "cut")
@@ -184,9 +188,10 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
     assert [json.loads(a)["mse"] for a in logs[0]] == [json.loads(b)["mse"] for b in logs[1]]
 
 
-def test_finished_stage_is_loaded_not_retrained(stage_s):
+def test_finished_stage_is_loaded_not_retrained(stage_s, capsys):
     sae, out, dirs = stage_s
-    again = train_sae(TensorStore(planted(dirs), fail_at_step=0), CFG, tokens=256 * 400, lr=3e-3, out_dir=out, stage="S")
+    again = train_sae(TensorStore(planted(dirs), fail_at_step=0), CFG, tokens=256 * 400, out_dir=out, stage="S")
+    assert f"stage S is already trained in {out}: loading it" in capsys.readouterr().out  # announced, not silent
     for name, t in sae.state_dict().items():
         assert torch.equal(t, again.state_dict()[name]), name
 
@@ -194,7 +199,7 @@ def test_finished_stage_is_loaded_not_retrained(stage_s):
 def test_nan_stops_training_with_stage_and_step(tmp_path):
     store = TensorStore(planted(directions(), n=3000), nan_at_step=7)
     with pytest.raises(StagediffError, match=r"stage S:.*NaN/Inf at step 7"):
-        train_sae(store, CFG, tokens=256 * 30, lr=3e-3, out_dir=tmp_path, stage="S")
+        train_sae(store, CFG, tokens=256 * 30, out_dir=tmp_path, stage="S")
     assert not (tmp_path / "cfg.json").exists() and not (tmp_path / "stats.json").exists()
 
 
@@ -202,10 +207,10 @@ def test_finetune_input_errors(stage_s, tmp_path):
     parent, _, dirs = stage_s
     store = TensorStore(planted(dirs, n=2000))
     with pytest.raises(StagediffError, match="differs from the parent's scale"):
-        train_sae(store, CFG, tokens=256, lr=1e-3, out_dir=tmp_path / "a", stage="D", parent=parent, scale=1.0)
+        train_sae(store, CFG, tokens=256, out_dir=tmp_path / "a", stage="D", parent=parent, scale=1.0)
     with pytest.raises(StagediffError, match="architecture='batchtopk'.*sae.architecture='topk'"):
-        train_sae(store, dataclasses.replace(CFG, architecture="topk"), tokens=256, lr=1e-3, out_dir=tmp_path / "b",
+        train_sae(store, dataclasses.replace(CFG, architecture="topk"), tokens=256, out_dir=tmp_path / "b",
                   stage="D", parent=parent)
     with pytest.raises(StagediffError, match="width 16"):
-        train_sae(TensorStore(torch.randn(500, 16)), CFG, tokens=256, lr=1e-3, out_dir=tmp_path / "c", stage="D",
+        train_sae(TensorStore(torch.randn(500, 16)), CFG, tokens=256, out_dir=tmp_path / "c", stage="D",
                   parent=parent)
