@@ -151,6 +151,15 @@ def required_stores(stages: list[Stage]) -> dict[str, tuple[str, str]]:
     return {s.store: (s.model, s.data) for s in stages if not s.from_pretrained}
 
 
+def store_budgets(cfg: Config) -> dict[tuple[str, str], int]:
+    """Tokens to harvest per (model, data): the largest budget of the stages reading it."""
+    budgets: dict[tuple[str, str], int] = {}
+    for s in resolve_stages(cfg):
+        if not s.from_pretrained:
+            budgets[(s.model, s.data)] = max(budgets.get((s.model, s.data), 0), s.tokens)
+    return budgets
+
+
 def stage_dir(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / "saes" / stage
 
