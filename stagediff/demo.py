@@ -101,6 +101,12 @@ def print_summary(run_dir: Path) -> None:
     for name, path in (("eval", run_dir / "eval" / "metrics.json"), ("null", run_dir / "null" / "eval" / "metrics.json")):
         if path.exists():
             lines.append(f"  {name:<9} {_headline(json.loads(path.read_text()))}: {path}")
+    layers = run_dir / "layers" / "summary.json"
+    if layers.exists():  # several hooks: the layer table (each hook's own figures are in RUN/layers/<hook>/)
+        from stagediff.layers import describe_fewest, layer_table
+
+        s = json.loads(layers.read_text())
+        lines += [f"  layers    {'  '.join(r)}" for r in layer_table(s)] + [f"  layers    {describe_fewest(s)}: {layers}"]
     report = run_dir / "report" / "index.html"
     if report.exists():
         lines.append(f"  report    {report}")

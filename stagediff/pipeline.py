@@ -50,6 +50,7 @@ class Run:
         self.wall: dict[str, float] = {}
         self.inputs: dict[str, dict[str, str]] = {}  # fingerprints of the models and datasets (set by harvest)
         self._layers: dict[str, Run] | None = None
+        self.recorded_hooks: list[str] = []  # the hooks of a several-hook run, as an earlier command resolved them
 
     def layers(self) -> dict[str, Run]:
         """The run of each hook: this run itself where there is one hook; with several, RUN/layers/<hook>/,
@@ -58,7 +59,8 @@ class Run:
         if self._layers is None:
             from stagediff.layers import link_shared, run_hooks
 
-            hooks = run_hooks(self.cfg)
+            # `hook: all` where this command has no models (the demo's report-only pass): the hooks recorded before
+            hooks = self.recorded_hooks if self.cfg.hook == "all" and not self.cfg.base_model and self.recorded_hooks else run_hooks(self.cfg)
             if len(hooks) == 1:
                 self.cfg.hook = hooks[0]
                 self._layers = {hooks[0]: self}
@@ -82,6 +84,7 @@ class Run:
             before = (yaml.safe_load(previous.read_text()) or {}).get("_run", {})
             self.wall = dict(before.get("wall_seconds", {}))
             self.inputs = {k: before[k] for k in ("models", "data") if k in before}
+            self.recorded_hooks = list(before.get("hooks", []))
 
     # ---- bookkeeping of units of work
     def _record(self, unit: str) -> Path:
@@ -119,7 +122,8 @@ class Run:
 
     def save_config(self) -> None:
         if distributed.is_main():
-            dump_config(self.cfg, self.dir / "config.yaml", extra=provenance(self.wall, self.inputs))
+            hooks = {"hooks": list(self._layers)} if self._layers and len(self._layers) > 1 else {}
+            dump_config(self.cfg, self.dir / "config.yaml", extra=provenance(self.wall, {**self.inputs, **hooks}))
 
 
 # ---------------------------------------------------------------- steps
