@@ -150,6 +150,8 @@ def write_layers_index(run_dir: Path, summary: dict[str, Any]) -> Path:
                     f"{_num(layer['selected'], '{:.0f}')} of {_num(layer['live'], '{:.0f}')} live features selected</li>"
                     for h, layer in zip(summary["hooks"], summary["layers"]))
     page = Path(run_dir) / "report" / "index.html"
+    figure = write_layers_figure(page.parent / "layers.png", summary)
+    img = f'<p><img src="{figure.name}" style="max-width:100%"></p>' if figure else ""
     with atomic_write(page, "w") as f:
         f.write(f"""<!doctype html><html><head><meta charset="utf-8"><title>stagediff layers — {html.escape(Path(run_dir).resolve().name)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:80em}}table{{border-collapse:collapse}}
@@ -157,13 +159,48 @@ td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:left}}th{{background:
 <h1>stagediff: {len(summary['hooks'])} hooks</h1>
 <p>Each hook is a run of its own (stage-wise diff, baselines, evaluation): open its report below.
 <b>{html.escape(describe_fewest(summary))}</b>.</p>
-<ul>{links}</ul>
+<ul>{links}</ul>{img}
 <h2>Method &times; layer</h2>
 <p>precision@{summary.get('k', SUMMARY_K)} and AP with 95% intervals against each hook's paired labels;
 N to remove: features clamped until trigger success reaches the causal target; clean-loss cost at that N.</p>
 <table><tr>{head}</tr>{body}</table></body></html>
 """)
     return page
+
+
+def write_layers_figure(path: Path, summary: dict[str, Any]) -> Path | None:
+    """layers.png: per hook, each method's precision@k (95% CI) and N to remove (log scale); None without methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stagediff.files import atomic_path
+
+    hooks, k = summary["hooks"], str(summary.get("k", SUMMARY_K))
+    names = list(dict.fromkeys(n for layer in summary["layers"] for n in layer["methods"]
+                               if n not in NOT_A_METHOD and not n.startswith("stagewise_")))  # selection variants: one line
+    if not names:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    x = list(range(len(hooks)))
+    for i, name in enumerate(names):
+        ms = [layer["methods"].get(name, {}) for layer in summary["layers"]]
+        at = [(m.get("precision_at_k") or {}).get(k) or {} for m in ms]
+        p = [a.get("precision") if a.get("precision") is not None else math.nan for a in at]
+        err = [[pi - a["ci"][0], a["ci"][1] - pi] if a.get("ci") else [0, 0] for pi, a in zip(p, at)]
+        shift = [xi + (i - len(names) / 2) * 0.06 for xi in x]
+        left.errorbar(shift, p, yerr=list(zip(*err)), marker="o", ms=4, capsize=2, label=name)
+        right.plot(x, [m.get("n_to_remove") or math.nan for m in ms], marker="o", ms=4, label=name)
+    left.set(ylabel=f"precision@{k} (95% CI)", ylim=(0, 1))
+    right.set(ylabel="features clamped to remove the behaviour", yscale="log")
+    for ax in (left, right):
+        ax.set_xticks(x, [h.replace(".hook_", "\n") for h in hooks], fontsize=7)
+    right.legend(fontsize=7, frameon=False, loc="best")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
 
 
 def _read(path: Path) -> dict | None:

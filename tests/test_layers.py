@@ -117,5 +117,6 @@ def test_the_summary_names_the_layer_and_method_with_the_fewest_features(tmp_pat
     page = write_layers_index(tmp_path, summary).read_text()
     assert f"crosscoder at {hooks[1]}, N = 4" in page and "0.60 [0.40, 0.80]" in page
     assert f'href="../layers/{hooks[2]}/report/index.html"' in page
+    assert (tmp_path / "report" / "layers.png").stat().st_size > 1000
     assert summarize_layers(tmp_path, hooks[:1])["fewest_features"]["method"] == "stagewise"
     assert summarize_layers(tmp_path / "empty", hooks)["fewest_features"] is None  # no causal checks: nothing named
