@@ -132,7 +132,7 @@ def _run(models: dict, todo: dict[tuple[str, str], "_Writer"], windows: TokenWin
     # (or data-parallel) harvest computes the rows a single uninterrupted one would
     first_window -= first_window % batch_size
     hooks = list(dict.fromkeys(h for _, h in todo))
-    bar = progress(total=stop_row - start_row, desc=f"harvest {', '.join(hooks)}", unit="tok")
+    bar = progress(total=stop_row - start_row, desc=f"harvest {hooks[0]}" if len(hooks) == 1 else f"harvest {len(hooks)} hooks", unit="tok")
     pending: deque[Future] = deque()
     # One writer thread: the disk writes overlap the next forwards, and at most two
     # finished shards per model wait in memory.
