@@ -36,7 +36,7 @@ from stagediff import distributed
 from stagediff.data import TokenWindows, WindowsFile
 from stagediff.errors import StagediffError
 from stagediff.files import load_tensors, read_json, save_tensors, sha256_file, write_json
-from stagediff.models import hidden_size, parse_hook, residual
+from stagediff.models import hidden_size, parse_hook, residuals
 from stagediff.runtime import progress, release_memory
 
 MANIFEST = "manifest.json"
@@ -58,42 +58,51 @@ def part_manifest(rank: int) -> str:
 # ---------------------------------------------------------------- harvesting
 
 
-def harvest(models: dict, windows: TokenWindows | WindowsFile, hook: str, out_dirs: dict[str, Path], *, batch_size: int,
-            shard_rows: int, dtype: torch.dtype, meta: dict[str, dict]) -> dict[str, "ActivationStore"]:
+def harvest(models: dict, windows: TokenWindows | WindowsFile, hook: str | list[str], out_dirs: dict, *, batch_size: int,
+            shard_rows: int, dtype: torch.dtype, meta: dict[str, dict]) -> dict:
     """Run every model over the same windows and stream its residual at `hook` into `out_dirs[key]`.
 
+    `hook` may be a list: then `out_dirs[key]` and `meta[key]` map each hook to its store folder and meta, one forward per
+    batch and model stops after the deepest hook, and the stores are returned as {key: {hook: store}}.
     `windows` may be in memory or on disk (`data.write_windows`): only one batch of
     them is read at a time. `meta[key]` (model and data fingerprints, names) is recorded in the manifest;
     a complete store with the same meta, hook, dtype and windows is reused as is,
     a partial one is continued after its last recorded shard.
     """
-    parse_hook(hook)
+    hooks = [hook] if isinstance(hook, str) else list(hook)
+    for h in hooks:
+        parse_hook(h)
     if batch_size < 1 or shard_rows < 1:
         raise StagediffError(f"harvest batch_size ({batch_size}) and shard_rows ({shard_rows}) must be at least 1")
-    if len({Path(d).resolve() for d in out_dirs.values()}) < len(out_dirs):
-        raise StagediffError(f"harvest needs one output folder per model, got {out_dirs}")
+    folders = {(key, h): Path(out_dirs[key] if isinstance(hook, str) else out_dirs[key][h]) for key in models for h in hooks}
+    if len({d.resolve() for d in folders.values()}) < len(folders):
+        raise StagediffError(f"harvest needs one output folder per model and hook, got {out_dirs}")
     digest = windows.digest()
-    identity = {key: _identity(meta.get(key, {}), hook, hidden_size(model), dtype, windows, digest, shard_rows)
-                for key, model in models.items()}
+    identity = {(key, h): _identity(meta.get(key, {}) if isinstance(hook, str) else meta.get(key, {}).get(h, {}), h,
+                                    hidden_size(models[key]), dtype, windows, digest, shard_rows)
+                for key, h in folders}
     with distributed.main_first():  # rank 0 (re)starts the stores; the others then find them as left
-        writers = {key: _Writer(Path(out_dirs[key]), identity[key], windows, dtype) for key in models}
-    todo = {k: w for k, w in writers.items() if not w.complete}
+        writers = {t: _Writer(folder, identity[t], windows, dtype) for t, folder in folders.items()}
+    todo = {t: w for t, w in writers.items() if not w.complete}
     world = distributed.world_size()
     if todo and world > 1:
         # this rank's block of whole shards, as a writer of its own (resumable on its own)
         n_shards = math.ceil(windows.num_tokens / shard_rows)
         r = distributed.rank()
         rows = (n_shards * r // world * shard_rows, min(n_shards * (r + 1) // world * shard_rows, windows.num_tokens))
-        todo = {k: _Writer(w.folder, {**identity[k], "rows": list(rows)}, windows, dtype, part=r) for k, w in todo.items()}
+        todo = {t: _Writer(w.folder, {**identity[t], "rows": list(rows)}, windows, dtype, part=r) for t, w in todo.items()}
     if todo:
-        _run(models, todo, windows, hook, batch_size)
+        _run(models, todo, windows, batch_size)
     if todo and world > 1:
         distributed.barrier()
         if distributed.is_main():
             for w in todo.values():
                 _merge_parts(w.folder, world)
         distributed.barrier()
-    return {key: ActivationStore(out_dirs[key]) for key in models}
+    stores = {t: ActivationStore(folder) for t, folder in folders.items()}
+    if isinstance(hook, str):
+        return {key: stores[(key, hook)] for key in models}
+    return {key: {h: stores[(key, h)] for h in hooks} for key in models}
 
 
 def write_store(path: str | Path, rows: torch.Tensor, *, window: torch.Tensor | None = None,
@@ -149,7 +158,8 @@ def _merge_parts(folder: Path, world: int) -> None:
         f.unlink()
 
 
-def _run(models: dict, todo: dict[str, "_Writer"], windows: TokenWindows | WindowsFile, hook: str, batch_size: int) -> None:
+def _run(models: dict, todo: dict[tuple[str, str], "_Writer"], windows: TokenWindows | WindowsFile, batch_size: int) -> None:
+    """Fill the writers of `todo` (by (model key, hook)) from one forward per batch and model."""
     row_end = windows.row_counts().cumsum(0)  # rows in windows 0..i
     start_row = min(w.rows_emitted for w in todo.values())
     stop_row = max(w.end_row for w in todo.values())
@@ -157,7 +167,8 @@ def _run(models: dict, todo: dict[str, "_Writer"], windows: TokenWindows | Windo
     # start on the batch grid of a fresh harvest: the model sees the same batches, so a resumed
     # (or data-parallel) harvest computes the rows a single uninterrupted one would
     first_window -= first_window % batch_size
-    bar = progress(total=stop_row - start_row, desc=f"harvest {hook}", unit="tok")
+    hooks = list(dict.fromkeys(h for _, h in todo))
+    bar = progress(total=stop_row - start_row, desc=f"harvest {hooks[0]}" if len(hooks) == 1 else f"harvest {len(hooks)} hooks", unit="tok")
     pending: deque[Future] = deque()
     # One writer thread: the disk writes overlap the next forwards, and at most two
     # finished shards per model wait in memory.
@@ -177,19 +188,20 @@ def _run(models: dict, todo: dict[str, "_Writer"], windows: TokenWindows | Windo
                 n_rows = int(mask.sum())
                 where = mask.nonzero()
                 win, pos = where[:, 0] + b, where[:, 1].to(torch.int32)
-                for key, w in todo.items():
-                    done = w.rows_emitted + w.buffered
-                    if done >= first_row + n_rows or done >= w.end_row:
-                        continue  # resumed, or past this rank's block: nothing to store here
-                    model = models[key]
+                for key, model in models.items():
+                    # the writers of this model still short of this batch's rows (resumed, or past this rank's block)
+                    writing = {h: w for (k, h), w in todo.items() if k == key and w.rows_emitted + w.buffered < min(first_row + n_rows, w.end_row)}
+                    if not writing:
+                        continue
                     device = next(model.parameters()).device
                     # Padding is on the right, so causal attention needs no attention mask.
-                    acts = residual(model, ids.to(device), None, hook)
-                    rows = acts[mask.to(device)]
-                    stored = rows.to("cpu", w.dtype)
-                    if not torch.isfinite(stored).all():
-                        _report_nonfinite(key, hook, rows, stored, win)
-                    submit(w.add(stored, win, pos, first_row))
+                    acts = residuals(model, ids.to(device), None, list(writing))
+                    for h, w in writing.items():
+                        rows = acts[h][mask.to(device)]
+                        stored = rows.to("cpu", w.dtype)
+                        if not torch.isfinite(stored).all():
+                            _report_nonfinite(key, h, rows, stored, win)
+                        submit(w.add(stored, win, pos, first_row))
                 bar.update(max(0, min(first_row + n_rows, stop_row) - max(first_row, start_row)))
             for w in todo.values():
                 submit(w.finish())

@@ -252,7 +252,9 @@ class Config:
     finetune_data: DataConfig = field(default_factory=DataConfig)  # the fine-tuning data (stages D and F)
     models: dict[str, str] = field(default_factory=dict)  # extra models for custom graphs
     datasets: dict[str, DataConfig] = field(default_factory=dict)  # extra datasets for custom graphs
-    hook: str = "blocks.6.hook_resid_post"  # where activations are read (SAELens hook name; residual stream)
+    # where activations are read (SAELens hook name; residual stream); a list of hooks, or `all` (the residual
+    # leaving every block), runs every per-hook step for each hook into RUN/layers/<hook>/ from one harvest
+    hook: str | list[str] = "blocks.6.hook_resid_post"
     context_size: int = 128  # tokens per window
     prepend_bos: bool = True  # each window starts with BOS (its activations are never stored)
     sae: SAEConfig = field(default_factory=SAEConfig)
@@ -452,7 +454,8 @@ def _convert(tp: Any, value: Any, where: str, default: Any = None) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         # `str | dict[...]` (stages.S.from_pretrained): a mapping takes the mapping type, anything else the first
-        shaped = [a for a in inner if typing.get_origin(a) is dict] if isinstance(value, dict) else []
+        # `str | list[str]` (hook): a list takes the list type
+        shaped = [a for a in inner if typing.get_origin(a) is (dict if isinstance(value, dict) else list)] if isinstance(value, (dict, list)) else []
         return _convert((shaped or inner)[0], value, where, default)
     if origin is Literal:
         if value not in args:

@@ -13,7 +13,8 @@ import numpy as np
 
 from stagediff.config import Config, load_config
 from stagediff.features import cos_column, read_features, top_ranked
-from stagediff.layout import diff_dir, features_csv, metrics_json, null_dir, organism_json, report_html, summary_json, top_tokens_json
+from stagediff.layout import (diff_dir, features_csv, layers_summary_json, metrics_json, null_dir, organism_json, report_html,
+                              summary_json, top_tokens_json)
 from stagediff.pipeline import STEPS, run_steps
 
 PRESETS: dict[str, dict] = {
@@ -102,6 +103,12 @@ def print_summary(run_dir: Path) -> None:
     for name, path in (("eval", metrics_json(run_dir)), ("null", metrics_json(null_dir(run_dir)))):
         if path.exists():
             lines.append(f"  {name:<9} {_headline(json.loads(path.read_text()))}: {path}")
+    layers = layers_summary_json(run_dir)
+    if layers.exists():  # several hooks: the layer table (each hook's own figures are in RUN/layers/<hook>/)
+        from stagediff.layers import describe_fewest, layer_table
+
+        s = json.loads(layers.read_text())
+        lines += [f"  layers    {'  '.join(r)}" for r in layer_table(s)] + [f"  layers    {describe_fewest(s)}: {layers}"]
     report = report_html(run_dir)
     if report.exists():
         lines.append(f"  report    {report}")

@@ -154,6 +154,22 @@ def read_hook(folder: Path) -> str | None:
 # ---------------------------------------------------------------- out: a run's dictionaries on the hub
 
 
+def load_pretrained(stage: Any, d_in: int | None, hook: str):
+    """The SAELens-format dictionary a root stage (`stages.Stage`) starts from, and where it came from.
+
+    Checked before anything is harvested: it must be trained at the run's `hook`, read
+    raw activations (no normalisation) and, once the model is known, have d_in = `d_in`.
+    """
+    from stagediff.sae import SAE
+
+    folder, source = resolve_pretrained(stage.from_pretrained)
+    trained_at = read_hook(folder)
+    if trained_at and trained_at != hook:
+        raise StagediffError(f"stages.{stage.name}.from_pretrained {describe(stage.from_pretrained)} was trained at hook "
+                             f"{trained_at!r}, but the run reads {hook!r}: set hook: {trained_at} (or use an SAE of {hook})")
+    return SAE.load(folder, device="cpu", expected_d_in=d_in), source
+
+
 def hub_id_of(path: str) -> str:
     """The hub id of a model or dataset path when it came from the hub (an id, or a folder of the HF cache); else the path."""
     parts = Path(path).parts

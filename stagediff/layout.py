@@ -21,6 +21,7 @@ from pathlib import Path
 
 FEATURES_CSV = "features.csv"
 SUMMARY_JSON = "summary.json"
+LAYERS = "layers"  # RUN/layers/<hook>/: one run directory per hook of a several-hook run
 
 
 def config_yaml(run_dir: Path) -> Path:
@@ -129,6 +130,21 @@ def top_tokens_json(run_dir: Path) -> Path:
 def null_dir(run_dir: Path) -> Path:
     """The demo's null run (the control diffed as the fine-tuned model): a run directory inside the run."""
     return Path(run_dir) / "null"
+
+
+def layers_dir(run_dir: Path) -> Path:
+    """A several-hook run's per-hook run directories (RUN/layers/<hook>/) and their summary."""
+    return Path(run_dir) / LAYERS
+
+
+def layer_dir(run_dir: Path, hook: str) -> Path:
+    """The run directory of one hook of a several-hook run."""
+    return layers_dir(run_dir) / hook
+
+
+def layers_summary_json(run_dir: Path) -> Path:
+    """The layer summary of a several-hook run (layers.py)."""
+    return layers_dir(run_dir) / SUMMARY_JSON
 
 
 def features_csv(folder: Path) -> Path:

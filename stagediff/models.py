@@ -171,10 +171,29 @@ def parse_hook(hook: str) -> tuple[int, str]:
 
 def num_layers(model) -> int:
     """Number of decoder layers, from the (text) config."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return _config_layers(model.config, type(model).__name__)
+
+
+def count_layers(path: str, trust_remote_code: bool = False) -> int:
+    """Number of decoder layers of the model at `path`, from its config alone (no weights read)."""
+    from transformers import AutoConfig
+
+    folder = resolve_model_dir(path)
+    if folder.is_file() and folder.suffix == ".gguf":
+        folder = _convert_gguf(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as e:
+        raise StagediffError(f"could not read the config of model {path} ({type(e).__name__}: {e}): "
+                             "pass an HF model folder with its config.json") from None
+    return _config_layers(config, path)
+
+
+def _config_layers(config, name: str) -> int:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
     n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
     if not n:
-        raise StagediffError(f"model {type(model).__name__} has no num_hidden_layers / n_layer in its config")
+        raise StagediffError(f"model {name} has no num_hidden_layers / n_layer in its config")
     return int(n)
 
 
@@ -239,28 +258,49 @@ class _Stop(Exception):
 
 def residual(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, hook: str) -> torch.Tensor:
     """The residual stream [B, T, d] at `hook`, running the model only up to that layer."""
-    layer, site = parse_hook(hook)
-    block = decoder_layers(model)[layer]
-    captured: list[torch.Tensor] = []
+    return residuals(model, input_ids, attention_mask, [hook])[hook]
 
-    def grab(x: torch.Tensor):
-        captured.append(x)
-        raise _Stop
 
-    if site == "hook_resid_pre":
-        handle = block.register_forward_pre_hook(lambda m, args, kwargs: grab(_hidden_arg(args, kwargs)), with_kwargs=True)
-    else:
-        handle = block.register_forward_hook(lambda m, args, out: grab(_first(out)))
+def residuals(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """The residual stream [B, T, d] at each of `hooks`, from one forward that stops after the deepest of them."""
+    sites = {h: parse_hook(h) for h in hooks}
+    layers = decoder_layers(model)
+    # resid_post of L is captured at the end of L, resid_pre at its start: the forward stops at the last capture
+    last = max(sites.values(), key=lambda ls: (ls[0], ls[1] == "hook_resid_post"))
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def grabber(hook: str, stop: bool):
+        def grab(x: torch.Tensor):
+            captured[hook] = x
+            if stop:
+                raise _Stop
+        return grab
+
+    for hook, (layer, site) in sites.items():
+        grab = grabber(hook, (layer, site) == last)
+        if site == "hook_resid_pre":
+            handles.append(layers[layer].register_forward_pre_hook(
+                lambda m, args, kwargs, grab=grab: grab(_hidden_arg(args, kwargs)), with_kwargs=True))
+        else:
+            handles.append(layers[layer].register_forward_hook(lambda m, args, out, grab=grab: grab(_first(out))))
     try:
         with torch.no_grad():
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _Stop:
         pass
     finally:
-        handle.remove()
-    if not captured:
-        raise StagediffError(f"hook {hook} never ran in {type(model).__name__}: the model skipped its decoder layer {layer}")
-    return captured[0]
+        for handle in handles:
+            handle.remove()
+    missing = [h for h in hooks if h not in captured]
+    if missing:
+        raise StagediffError(f"hook {missing[0]} never ran in {type(model).__name__}: the model skipped its decoder layer {sites[missing[0]][0]}")
+    return captured
+
+
+def all_hooks(n_layers: int) -> list[str]:
+    """`hook: all`: the residual stream leaving every block (resid_post of 0..n-1; resid_post of L is resid_pre of L+1)."""
+    return [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
 
 
 @contextlib.contextmanager

@@ -16,13 +16,12 @@ Only rank 0 writes the records and the resolved config.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import math
 import platform
 import shutil
 import subprocess
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Callable
 
@@ -32,13 +31,14 @@ from stagediff import __version__, distributed
 from stagediff.config import Config, dump_config, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import fingerprint, read_json, remove_temp_files, sha256_file, write_json
+from stagediff.runtime import resolve_device, seed_everything
 from stagediff.layout import (activations_dir, config_yaml, diff_dir, eval_dir, features_csv, heldout_jsonl, metrics_json,
-                              paired_store_dirs, stage_dir, steps_dir, store_dir, store_name)
-from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
+                              layer_dir, paired_store_dirs, report_html, stage_dir, steps_dir, store_dir, store_name)
 from stagediff.stages import Stage, resolve_stages
 
 STEPS = ("organism", "harvest", "train", "diff", "crosscoder", "diffsae", "evaluate", "meandiff", "report")
 PARALLEL_STEPS = ("organism", "harvest", "train")  # every torchrun rank takes part; rank 0 alone does the rest
+RUN_STEPS = ("organism", "harvest")  # once per run; the others once per hook (in RUN/layers/<hook>/ when there are several)
 
 
 class Run:
@@ -50,6 +50,42 @@ class Run:
         self.device = resolve_device(cfg.device)
         self.wall: dict[str, float] = {}
         self.inputs: dict[str, dict[str, str]] = {}  # fingerprints of the models and datasets (set by harvest)
+        self._layers: dict[str, Run] | None = None
+        self.recorded_hooks: list[str] = []  # the hooks of a several-hook run, as an earlier command resolved them
+
+    def layers(self) -> dict[str, Run]:
+        """The run of each hook: this run itself where there is one hook; with several, RUN/layers/<hook>/,
+        a run directory of its own (its config names that hook) sharing this run's models/ and data/.
+        Known once the models are (`hook: all` counts the base model's blocks)."""
+        if self._layers is None:
+            from stagediff.layers import link_shared, run_hooks
+
+            # `hook: all` where this command has no models (the demo's report-only pass): the hooks recorded before
+            hooks = self.recorded_hooks if self.cfg.hook == "all" and not self.cfg.base_model and self.recorded_hooks else run_hooks(self.cfg)
+            if len(hooks) == 1:
+                self.cfg.hook = hooks[0]
+                self._layers = {hooks[0]: self}
+            else:
+                self._layers = {}
+                for h in hooks:
+                    if distributed.is_main():
+                        link_shared(self.dir, h)
+                    layer = Run(dataclasses.replace(copy.deepcopy(self.cfg), hook=h), layer_dir(self.dir, h))
+                    layer.restore()
+                    self._layers[h] = layer
+                distributed.barrier()
+        return self._layers
+
+    def restore(self) -> None:
+        """Wall times and input fingerprints recorded by an earlier command on this run directory."""
+        previous = config_yaml(self.dir)
+        if previous.exists():
+            import yaml
+
+            before = (yaml.safe_load(previous.read_text()) or {}).get("_run", {})
+            self.wall = dict(before.get("wall_seconds", {}))
+            self.inputs = {k: before[k] for k in ("models", "data") if k in before}
+            self.recorded_hooks = list(before.get("hooks", []))
 
     # ---- bookkeeping of units of work
     def _record(self, unit: str) -> Path:
@@ -87,7 +123,8 @@ class Run:
 
     def save_config(self) -> None:
         if distributed.is_main():
-            dump_config(self.cfg, config_yaml(self.dir), extra=provenance(self.wall, self.inputs))
+            hooks = {"hooks": list(self._layers)} if self._layers and len(self._layers) > 1 else {}
+            dump_config(self.cfg, config_yaml(self.dir), extra=provenance(self.wall, {**self.inputs, **hooks}))
 
 
 # ---------------------------------------------------------------- steps
@@ -115,87 +152,10 @@ def step_organism(run: Run) -> None:
 
 
 def step_harvest(run: Run) -> None:
-    """Collect activations of every (model, data) pair the stages need, one pass per dataset, inputs checked first."""
-    from stagediff.activations import MANIFEST, harvest
-    from stagediff.data import WindowsFile, data_fingerprint, iter_windows, read_texts, write_windows
-    from stagediff.models import check_compatible, check_hook, hidden_size, load_model, model_fingerprint
+    """Collect activations of every (model, data) pair the stages need at every hook, one pass per dataset, inputs checked first."""
+    from stagediff.harvest import harvest_run
 
-    cfg = run.cfg
-    needs = store_budgets(cfg)
-    model_paths, datasets = cfg.model_paths(), cfg.data_configs()
-    for stage in resolve_stages(cfg):  # a released SAE is fetched and checked (hook, format) before anything else
-        if stage.from_pretrained:
-            load_pretrained(stage, None, cfg.hook)
-    for key, path in model_paths.items():
-        if any(m == key for m, _ in needs) and not path:
-            raise StagediffError(f"no path is set for the {key} model: set {'base_model' if key == 'base' else 'finetuned_model' if key == 'finetuned' else 'models.' + key} in the config")
-    by_data: dict[str, list[str]] = defaultdict(list)
-    for model, data in needs:
-        by_data[data].append(model)
-
-    dtype = resolve_dtype(cfg.harvest.model_dtype, run.device)
-    store_dtype = resolve_dtype(cfg.harvest.dtype, run.device)  # auto: bfloat16 on GPU (half the disk), float32 on CPU
-    store_dtype_name = str(store_dtype).removeprefix("torch.")
-    # Every input is checked before the first forward pass, so a bad one (a missing path, a
-    # second model of another width, too little fine-tune data...) costs seconds, not the hours
-    # of harvesting the inputs before it. 1: paths and fingerprints, and what is left to do.
-    model_fps = {m: model_fingerprint(model_paths[m]) for m in dict.fromkeys(m for m, _ in needs)}
-    data_fps, plans = {}, {}
-    for data, model_keys in by_data.items():
-        dcfg = datasets[data]
-        if not dcfg.path:
-            raise StagediffError(f"no path is set for the {data} dataset: set {data}_data.path (or datasets.{data}.path) in the config")
-        data_fps[data] = data_fingerprint(dcfg)
-        tokens = max(needs[(m, data)] for m in model_keys)
-        windows_needed = math.ceil(tokens / max(1, cfg.context_size - int(cfg.prepend_bos)))
-        fps = {m: fingerprint([model_fps[m], data_fps[data], cfg.hook, cfg.context_size, cfg.prepend_bos,
-                               store_dtype_name, windows_needed]) for m in model_keys}
-        stores = {m: store_dir(run.dir, m, data) for m in model_keys}
-        # a store deleted by hand (e.g. a damaged one, as its error message says) is harvested again
-        todo = [m for m in model_keys
-                if not (run.is_done(f"harvest/{store_name(m, data)}", fps[m]) and (stores[m] / MANIFEST).exists())]
-        if todo:
-            plans[data] = (windows_needed, tokens, fps, {m: stores[m] for m in todo})
-    run.inputs = {"models": model_fps, "data": data_fps}
-    if not plans:
-        return
-    # 2: the models still needed (hook, architecture, width, tokenizer), pretrained SAEs, every dataset's windows
-    loaded = {m: load_model(model_paths[m], device=run.device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-              for m in dict.fromkeys(m for *_, todo in plans.values() for m in todo)}
-    for m, (model, _) in loaded.items():
-        check_hook(model, cfg.hook, m)
-    check_compatible(loaded)
-    for stage in resolve_stages(cfg):
-        if stage.from_pretrained and stage.model in loaded:
-            load_pretrained(stage, hidden_size(loaded[stage.model][0]), cfg.hook)
-    check_disk(run.dir, {store_name(m, data): (n * (cfg.context_size - int(cfg.prepend_bos)), hidden_size(loaded[m][0]))
-                         for data, (n, _, _, todo) in plans.items() for m in todo},
-               {data: n * cfg.context_size for data, (n, *_) in plans.items()}, store_dtype)
-    tokenizer = next(iter(loaded.values()))[1]
-    windows = {}
-    for data, (n, tokens, fps, _) in plans.items():
-        # on disk, not in memory (9 bytes a token); named by what it is made of, so a file left by an
-        # interrupted run of the same plan is reused (it is written atomically: whole or absent)
-        path = activations_dir(run.dir) / f".windows-{data}-{fingerprint(sorted(fps.values()))}.safetensors"
-        with distributed.main_first():
-            if not path.exists():
-                write_windows(iter_windows(read_texts(datasets[data], tokenizer), tokenizer, cfg.context_size, cfg.prepend_bos, max_windows=n), path)
-        windows[data] = w = WindowsFile(path)
-        if w.num_tokens < tokens:
-            print(f"harvest: the {data} data holds {w.num_tokens:,} tokens, fewer than the {tokens:,} its stages ask for: "
-                  f"training passes over it {tokens / w.num_tokens:.1f} times")
-    # 3: one pass per dataset
-    for data, (_, _, fps, out_dirs) in plans.items():
-        units = {m: f"harvest/{store_name(m, data)}" for m in out_dirs}
-        for m, unit in units.items():
-            run.start(unit, fps[m], [out_dirs[m]])
-        meta = {m: {"model": model_paths[m], "data": datasets[data].path, "fingerprint": fps[m]} for m in out_dirs}
-        harvest({m: loaded[m][0] for m in out_dirs}, windows[data], cfg.hook, out_dirs,
-                batch_size=cfg.harvest.batch_size, shard_rows=cfg.harvest.shard_rows, dtype=store_dtype, meta=meta)
-        for m, unit in units.items():
-            run.finish(unit, fps[m])
-        if distributed.is_main():
-            windows[data].path.unlink(missing_ok=True)  # every store holds its own copy (windows.safetensors)
+    harvest_run(run, run.layers())
 
 
 def step_train(run: Run) -> None:
@@ -317,38 +277,53 @@ STEP_FUNCTIONS: dict[str, Callable[[Run], None]] = {
 
 
 def run_steps(cfg: Config, run_dir: str | Path, steps: tuple[str, ...] = STEPS) -> Run:
-    """Run the named steps in order on `run_dir`, recording the resolved config and wall times."""
+    """Run the named steps in order on `run_dir`, recording the resolved config and wall times.
+
+    organism and harvest run once; every other step runs once per hook of the run, and a
+    run of several hooks ends with the layer summary (RUN/layers/summary.json).
+    """
     run = Run(cfg, run_dir)
     run.dir.mkdir(parents=True, exist_ok=True)
-    previous = config_yaml(run.dir)
-    if previous.exists():
-        import yaml
-
-        before = (yaml.safe_load(previous.read_text()) or {}).get("_run", {})
-        run.wall = dict(before.get("wall_seconds", {}))
-        run.inputs = {k: before[k] for k in ("models", "data") if k in before}
+    run.restore()
     for name in steps:
         if name not in PARALLEL_STEPS:
             distributed.finish()  # the other ranks are done; rank 0 goes on alone
             if not distributed.is_main():
                 break
         t0 = time.perf_counter()
-        STEP_FUNCTIONS[name](run)
+        if name in RUN_STEPS:
+            STEP_FUNCTIONS[name](run)
+        else:
+            for layer in run.layers().values():
+                if layer is not run:
+                    t1 = time.perf_counter()
+                    STEP_FUNCTIONS[name](layer)
+                    layer.wall[name] = round(time.perf_counter() - t1, 2)
+                    layer.save_config()
+                else:
+                    STEP_FUNCTIONS[name](run)
         run.wall[name] = round(time.perf_counter() - t0, 2)
         run.save_config()
+    if distributed.is_main() and any(n not in RUN_STEPS for n in steps) and len(run.layers()) > 1:
+        summarize(run)
     return run
 
 
+def summarize(run: Run) -> None:
+    """The layer summary of a several-hook run: RUN/layers/summary.json, the table printed, and RUN/report/index.html
+    linking each hook's report (when reports are on)."""
+    from stagediff.layers import describe_fewest, layer_table, write_layer_summary, write_layers_index
+
+    summary = write_layer_summary(run.dir, list(run.layers()))
+    rows = layer_table(summary)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows))
+    print(f"layers: {describe_fewest(summary)} -> {run.dir / 'layers' / 'summary.json'}")
+    if run.cfg.report.enabled and any(report_html(layer.dir).exists() for layer in run.layers().values()):
+        print(f"report: {write_layers_index(run.dir, summary)}")
+
+
 # ---------------------------------------------------------------- helpers
-
-
-def store_budgets(cfg: Config) -> dict[tuple[str, str], int]:
-    """Tokens to harvest per (model, data): the largest budget of the stages (and crosscoder) reading it."""
-    budgets: dict[tuple[str, str], int] = defaultdict(int)
-    for s in resolve_stages(cfg):
-        if not s.from_pretrained:
-            budgets[(s.model, s.data)] = max(budgets[(s.model, s.data)], s.tokens)
-    return dict(budgets)
 
 
 def apply_expansion_factor(run: Run) -> None:
@@ -357,32 +332,6 @@ def apply_expansion_factor(run: Run) -> None:
     manifests = sorted(activations_dir(run.dir).glob("*/manifest.json"))
     if factor and manifests:
         run.cfg.sae.d_sae = factor * int(read_json(manifests[0])["d_in"])
-
-
-def check_disk(run_dir: Path, stores: dict[str, tuple[int, int]], windows: dict[str, int], dtype: torch.dtype) -> None:
-    """Print what the stores will take (rows x width x bytes) and stop, before any work, if the disk cannot hold it.
-
-    `stores` maps a store to (rows, width), `windows` a dataset to its token positions
-    (its windows file: 9 bytes each, plus a copy per store where hard links fail).
-    What is already in a store (an interrupted harvest resumes) counts as written.
-    """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for name, (rows, width) in stores.items():
-        size = rows * (width * itemsize + 12)  # + window int64, position int32 per row
-        total += size
-        print(f"harvest: {name}: up to {rows:,} rows x {width} x {itemsize} bytes ({str(dtype).removeprefix('torch.')}) = {_gb(size)}")
-    total += sum(positions * 9 for positions in windows.values()) * 2
-    present = sum(f.stat().st_size for name in stores for f in (activations_dir(run_dir) / name).rglob("*") if f.is_file())
-    free = shutil.disk_usage(next(p for p in (run_dir, *run_dir.parents) if p.exists())).free
-    if total - present > free:
-        raise StagediffError(f"the harvest needs about {_gb(total - present)} under {run_dir} (stores and token windows) but the disk "
-                             f"has {_gb(free)} free: free space, put the run on a bigger disk (--out), store bfloat16 "
-                             "(harvest.dtype=bfloat16 halves float32), or lower stages.*.tokens")
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def stage_fingerprint(run: Run, stage: Stage) -> str:
@@ -415,28 +364,13 @@ def stage_sae_config(cfg: Config, stage: Stage):
 
 def import_pretrained(run: Run, stage: Stage, out: Path) -> None:
     """Load a SAELens-format dictionary as a root stage, checked against the hook and the model's width."""
+    from stagediff.hub import load_pretrained
+
     # the width of the stage's model, as harvested (every store of a model has its width)
     widths = [read_json(p)["d_in"] for p in sorted(activations_dir(run.dir).glob(f"{store_name(stage.model, '*')}/manifest.json"))]
     sae, source = load_pretrained(stage, widths[0] if widths else None, run.cfg.hook)
     meta = {**sae_metadata(run.cfg, stage, ""), "imported_from": source, "stage": stage.name, "parent_stage": None}
     sae.save(out, meta)
-
-
-def load_pretrained(stage: Stage, d_in: int | None, hook: str):
-    """The SAELens-format dictionary a root stage starts from and where it came from (stagediff.hub).
-
-    Checked before anything is harvested: it must be trained at the run's `hook`, read
-    raw activations (no normalisation) and, once the model is known, have d_in = `d_in`.
-    """
-    from stagediff.hub import describe, read_hook, resolve_pretrained
-    from stagediff.sae import SAE
-
-    folder, source = resolve_pretrained(stage.from_pretrained)
-    trained_at = read_hook(folder)
-    if trained_at and trained_at != hook:
-        raise StagediffError(f"stages.{stage.name}.from_pretrained {describe(stage.from_pretrained)} was trained at hook "
-                             f"{trained_at!r}, but the run reads {hook!r}: set hook: {trained_at} (or use an SAE of {hook})")
-    return SAE.load(folder, device="cpu", expected_d_in=d_in), source
 
 
 def provenance(wall: dict[str, float], inputs: dict | None = None) -> dict:

@@ -147,6 +147,15 @@ def required_stores(stages: list[Stage]) -> dict[str, tuple[str, str]]:
     return {s.store: (s.model, s.data) for s in stages if not s.from_pretrained}
 
 
+def store_budgets(cfg: Config) -> dict[tuple[str, str], int]:
+    """Tokens to harvest per (model, data): the largest budget of the stages reading it."""
+    budgets: dict[tuple[str, str], int] = {}
+    for s in resolve_stages(cfg):
+        if not s.from_pretrained:
+            budgets[(s.model, s.data)] = max(budgets.get((s.model, s.data), 0), s.tokens)
+    return budgets
+
+
 def _topological(stages: dict[str, Stage]) -> list[Stage]:
     ordered: list[Stage] = []
     state: dict[str, int] = {}  # 1 = visiting, 2 = done

@@ -62,7 +62,7 @@ def _stage(overrides):
 
 
 def test_hf_path_loads_from_the_cache_and_checks_the_hook(fake_hub):
-    from stagediff.pipeline import load_pretrained
+    from stagediff.hub import load_pretrained
 
     cfg, stage = _stage([f"hook={HOOK}", "stages.S.from_pretrained=hf://sd-test/tiny-saes/layer_1/width_64"])
     sae, source = load_pretrained(stage, 16, cfg.hook)
@@ -81,7 +81,8 @@ def test_hf_path_loads_from_the_cache_and_checks_the_hook(fake_hub):
 
 
 def test_release_and_sae_id_resolve_through_the_registry(fake_hub, tmp_path, monkeypatch):
-    from stagediff.pipeline import Run, import_pretrained, load_pretrained
+    from stagediff.hub import load_pretrained
+    from stagediff.pipeline import Run, import_pretrained
 
     (tmp_path / "pkg" / "sae_lens" / "loading").mkdir(parents=True)
     (tmp_path / "pkg" / "sae_lens" / "__init__.py").write_text("")
@@ -136,7 +137,7 @@ def test_push_lays_out_saelens_folders_and_a_card_that_load_back(tmp_path, monke
     import huggingface_hub.constants
 
     from stagediff.cli import main
-    from stagediff.pipeline import load_pretrained
+    from stagediff.hub import load_pretrained
 
     run = tmp_path / "run"
     saved = {}
