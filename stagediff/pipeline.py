@@ -181,8 +181,8 @@ def step_train(run: Run) -> None:
             store = ActivationStore(store_dir(run.dir, stage.model, stage.data))
             store.verify()  # a damaged shard stops the run here (message: delete the store, rerun), never trained on
             seed_everything(stage.seed)
-            train_sae(store, dataclasses.replace(stage_sae_config(cfg, stage), lr=stage.lr), tokens=stage.tokens, out_dir=out, stage=stage.name,
-                      parent=parent, seed=stage.seed, device=run.device, metadata=sae_metadata(cfg, stage, fp),
+            train_sae(store, dataclasses.replace(stage_sae_config(cfg, stage), lr=stage.lr), tokens=stage.tokens, out_dir=out,
+                      stage=stage.name, parent=parent, seed=stage.seed, device=run.device, metadata=sae_metadata(cfg, stage, fp),
                       on_record=trackers.hook(stage.name) if trackers else None)
         run.finish(unit, fp)
     if trackers:

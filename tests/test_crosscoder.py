@@ -162,7 +162,7 @@ def test_l1_penalty_uses_sum_of_per_model_norms():
     term = sum_norm_l1(d_base=4, coefficient=2.0)(sae, x)
     f = ((x - sae.b_dec * 1.5) @ sae.W_enc + sae.b_enc * 1.5).relu()  # scaled units, as training computes
     penalty = (f * (sae.W_dec[:, :4].norm(dim=1) + sae.W_dec[:, 4:].norm(dim=1))).sum(-1).mean()
-    assert float(term) == pytest.approx(2.0 * float(penalty), rel=1e-5) and float(term) > 0
+    assert term.item() == pytest.approx(2.0 * penalty.item(), rel=1e-5) and term.item() > 0
     assert float(sae.training_forward(x).sparsity) > 0  # the shared relu penalty is there, but weighted by 0 in the loss
     assert torch.allclose(sum_of_half_norms(sae.W_dec, 4), sae.W_dec[:, :4].norm(dim=1) + sae.W_dec[:, 4:].norm(dim=1))
     term.backward()  # the penalty reaches the decoder

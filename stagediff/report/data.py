@@ -16,9 +16,10 @@ import numpy as np
 import yaml
 
 from stagediff.config import Config, to_dict
+from stagediff.diff import load_frequency
 from stagediff.errors import StagediffError
 from stagediff.features import cos_column, read_features
-from stagediff.files import load_tensors, read_json
+from stagediff.files import read_json
 from stagediff.layout import (config_yaml, crosscoder_dir, diff_dir, features_csv, metrics_json, null_dir, organism_json, saes_dir,
                               stage_dir, summary_json)
 from stagediff.stages import STANDARD_GRAPH, resolve_stages
@@ -216,20 +217,14 @@ def _pick(stats: dict, key: str) -> Any:
 
 
 def _sparsity(sdir: Path) -> dict[str, float] | None:
-    """Share of features with any firing recorded in sparsity.safetensors (SAELens: log10 feature density)."""
-    path = sdir / "sparsity.safetensors"
-    if not path.exists():
-        return None
+    """The median firing rate over a stage's features (sparsity.safetensors, as the diff reads it)."""
     try:
-        tensors = load_tensors(path)
-    except StagediffError:
+        freq = load_frequency(sdir)
+    except StagediffError:  # a damaged file: the report shows the rest
         return None
-    t = next(iter(tensors.values()), None)
-    if t is None or t.numel() == 0:
+    if freq is None or not len(freq):
         return None
-    t = t.float().flatten()
-    density = 10 ** t if float(t.max()) <= 0 else t  # SAELens stores log10 density
-    return {"median_density": round(float(density.median()), 6), "features": int(t.numel())}
+    return {"median_density": round(float(np.median(freq)), 6), "features": len(freq)}
 
 
 def _flatten(d: Any, prefix: str = "", out: dict | None = None) -> dict[str, Any]:
