@@ -42,9 +42,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
+if "--job" not in sys.argv or "stagediff" in sys.argv:  # not inside the sae-lens venv
+    sys.path.insert(0, str(ROOT))
+    import stagediff  # noqa: E402,F401  (before torch: stagediff's OMP_WAIT_POLICY must be set when OpenMP loads)
+import torch  # noqa: E402
 MEAN_NORM_ROWS = 65536  # rows stagediff's root stage reads for its activation scale (train.py)
 
 
