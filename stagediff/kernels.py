@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -79,11 +80,24 @@ class Active:
     def csr_t(self, values: Tensor) -> Tensor:
         """The transposed [n_features, n_rows] sparse matrix with `values` at the active pairs."""
         if self._t is None:
-            perm = torch.argsort(self.cols, stable=True)
+            perm = _stable_argsort(self.cols, self.n_features)
             counts = torch.bincount(self.cols, minlength=self.n_features)
             self._t = (perm, torch.cat([counts.new_zeros(1), counts.cumsum(0)]), self.rows[perm])
         perm, ccol, rows_t = self._t
         return _csr(ccol, rows_t, values[perm], (self.n_features, self.n_rows))
+
+
+def _stable_argsort(keys: Tensor, n_keys: int) -> Tensor:
+    """torch.argsort(keys, stable=True) for keys in [0, n_keys).
+
+    On CPU with at most 2**16 keys, numpy's radix sort of uint16 keys: one thread, one linear
+    pass. torch's stable argsort is a parallel sort whose threads wait on each other, and on
+    cores shared with other busy processes it slows down by orders of magnitude (measured by
+    benchmarks/bench_contention.py, the `argsort` line).
+    """
+    if keys.device.type != "cpu" or n_keys > 1 << 16:
+        return torch.argsort(keys, stable=True)
+    return torch.from_numpy(np.argsort(keys.numpy().astype(np.uint16), kind="stable"))
 
 
 # --------------------------------------------------------------------------- selection

@@ -16,6 +16,7 @@ same global batch, gradients and statistics are reduced, and only rank 0 writes 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -95,11 +96,18 @@ def train_sae(
     if ckpt is not None and distributed.is_main():
         print(f"train: stage {stage} resumes from its checkpoint at step {int(ckpt['step'])} of {steps} in {out_dir}")
 
+    batches = store.batches(cfg.batch_size, seed=seed, start_step=ckpt["step"] if ckpt else 0, device=device)
     if ckpt is not None:
         sae = SAE(store.d_in, cfg, scale=ckpt["scale"]).to(device)
         sae.load_state_dict(ckpt["model"])
     else:
-        sae = initial_sae(store, cfg, parent=parent, scale=scale, seed=seed).to(device)
+        # a root stage's b_dec comes from step 0's batch: read it once, for both (a batch is cut from a
+        # shuffled group of shards, up to BUFFER_BYTES; reading it twice was ~10% of a short stage)
+        first = next(batches) if parent is None else None
+        sae = initial_sae(store, cfg, parent=parent, scale=scale, seed=seed,
+                          sample=None if first is None else first.cpu()).to(device)
+        if first is not None:
+            batches = itertools.chain([first], batches)
     distributed.broadcast_parameters(sae)  # every rank starts from rank 0's SAE
     opt = torch.optim.Adam(sae.param_groups(lr))
     st = _State.fresh(cfg.d_sae, device) if ckpt is None else _State.restore(ckpt, device)
@@ -119,7 +127,6 @@ def train_sae(
         if distributed.world_size() > 1 and cfg.architecture == "batchtopk" else None
     log_every = max(1, steps // LOG_LINES)
     window_start = steps - max(1, math.ceil(FREQ_SHARE * steps))
-    batches = store.batches(cfg.batch_size, seed=seed, start_step=st.step, device=device)
     t0, start_step = time.perf_counter(), st.step
     bar = progress(range(st.step, steps), desc=f"SAE {stage}", unit="step")
     for step in bar:
@@ -204,11 +211,12 @@ def lr_factor(step: int, steps: int, cfg: SAEConfig) -> float:
 
 
 def initial_sae(store: ActivationSource, cfg: SAEConfig, *, parent: SAE | None = None, scale: float | None = None,
-                seed: int = 0) -> SAE:
+                seed: int = 0, sample: Tensor | None = None) -> SAE:
     """The SAE at step 0 of a stage, on CPU: an exact copy of `parent`, or a fresh root dictionary.
 
     A root measures the scale (mean norm -> sqrt(d_in)) unless given, initialises on CPU (the
-    same init on any device) and sets b_dec to the mean of a batch of activations.
+    same init on any device) and sets b_dec to the mean of a batch of activations: `sample`, or
+    else the first batch of `store.batches(cfg.batch_size, seed=seed)` (what training starts with).
     """
     if parent is not None:
         sae = SAE(store.d_in, cfg, scale=parent.scale)
@@ -217,7 +225,9 @@ def initial_sae(store: ActivationSource, cfg: SAEConfig, *, parent: SAE | None =
     if scale is None:
         scale = activation_scale(store)
     sae = SAE(store.d_in, cfg, scale=scale, generator=seed_everything(seed))
-    sample = next(store.batches(cfg.batch_size, seed=seed, device="cpu")).float()
+    if sample is None:
+        sample = next(store.batches(cfg.batch_size, seed=seed, device="cpu"))
+    sample = sample.float()
     with torch.no_grad():
         sae.b_dec.copy_(sample.mean(0))  # raw units: the mean of the scaled sample, divided by scale
     return sae

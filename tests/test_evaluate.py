@@ -228,35 +228,55 @@ def test_stagewise_rankings_from_a_features_table():
     assert m["m_to_f"].ranking[:2].tolist() == [0, 1] and 3 not in m["m_to_f"].selected
 
 
+def _turn(rows: torch.Tensor, cos: dict[int, float], g: torch.Generator) -> torch.Tensor:
+    """rows with row j turned to cosine cos[j] with itself (same norm), the others untouched."""
+    out = rows.clone()
+    for j, c in cos.items():
+        v = rows[j] / rows[j].norm()
+        u = torch.randn(len(v), generator=g)
+        u = u - u.dot(v) * v
+        out[j] = (c * v + (1 - c**2) ** 0.5 * u / u.norm()) * rows[j].norm()
+    return out
+
+
 def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, capsys):
-    """A run directory with planted dictionaries: labels, metrics.json schema, causal keys, exact splice."""
+    """Five planted stages diffed by diff_run, then evaluated: the diff must select the two features that
+    fire on the trigger and the response (rotated on both axes), not the one rotated on one axis only,
+    and every method's metrics must follow from where it ranks them."""
     import json
 
     from stagediff.config import load_config
+    from stagediff.diff import diff_run
     from stagediff.features import write_features as write_csv
     from stagediff.evaluate import evaluate_run
     from stagediff.files import read_json, write_json
 
     model, _ = llama
     embed = model.get_input_embeddings().weight.detach()
-    names = ["|", " I", "m", " the", " w"]
-    sae = _detector_sae(embed, [_tok(tokenizer, s) for s in names], extra_dead=3)  # 8 features
-    for stage in ("S", "F_via_D", "F_via_M"):
-        sae.save(tmp_path / "saes" / stage, {"hook_name": HOOK0, "stage": stage})
+    names = ["|", " I", "m", " the", " w"]  # 0 ("|", trigger) and 1 (" I", response) are relevant; 5..7 never fire
+    S = _detector_sae(embed, [_tok(tokenizer, s) for s in names], extra_dead=3)  # 8 features
+    n = S.d_sae
+    g = torch.Generator().manual_seed(0)
+    # stages: D and M barely move; F_via_D turns 0 and 1 (cos 0.5) and " the" (cos 0.4, this axis only),
+    # F_via_M turns 0 and 1 alone. Encoders stay, so each feature fires on its own token in every stage.
+    dec = {"S": S.W_dec.detach().clone()}
+    dec["D"], dec["M"] = (_turn(dec["S"], dict.fromkeys(range(5), 0.995), g) for _ in range(2))
+    dec["F_via_D"] = _turn(dec["D"], {0: 0.5, 1: 0.5, 3: 0.4}, g)
+    dec["F_via_M"] = _turn(dec["M"], {0: 0.5, 1: 0.5}, g)
+    silent = torch.tensor([-2.0] * 5 + [-10.0] * 3)  # log10 firing rate: 5..7 never fired
+    for stage, W in dec.items():
+        with torch.no_grad():
+            S.W_dec.copy_(W)
+        S.save(tmp_path / "saes" / stage, {"hook_name": HOOK0, "stage": stage}, sparsity=silent)
     (tmp_path / "data").mkdir()
     with open(tmp_path / "data" / "heldout.jsonl", "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in _examples())
     write_json(tmp_path / "models" / "organism.json", {"trigger": TRIGGER, "response": RESPONSE, "mix": 0.5,
                                                        "trigger_success": 0.0, "false_trigger": 0.0})
-    n = 8
-    # a hand-made diff: feature 1 (" I", relevant) first, then 3 (" the"), then 0 ("|", relevant); 5..7 dead
-    score = np.array([0.5, 3.0, 0.2, 2.0, 0.1, np.nan, np.nan, np.nan])
-    cos = np.array([0.8, 0.5, 0.95, 0.6, 0.97, 1.0, 1.0, 1.0])
-    cols = {"feature": np.arange(n), "dec_cos_D_FD": cos, "dec_cos_M_FM": cos, "dec_cos_S_FD": cos, "dec_cos_S_FM": cos,
-            "dead": np.isnan(score), "selected": np.isin(np.arange(n), [1, 3]), "score": score,
-            "rank": np.array([3, 1, 4, 2, 5, 0, 0, 0])}
-    write_csv(tmp_path / "diff" / "features.csv", cols)
+    diff = diff_run(tmp_path, load_config(overrides=["diff.selection=threshold"]))
+    assert diff["dead"] == 3 and diff["selected"] == 2
     # a crosscoder reading [base, ft]: the same detectors on the fine-tuned half; latent 0 ("|") is ft-exclusive
+    sae = _detector_sae(embed, [_tok(tokenizer, s) for s in names], extra_dead=3)
     cc = SAE(128, SAEConfig(architecture="relu", d_sae=n))
     with torch.no_grad():
         cc.W_enc.zero_(), cc.W_dec.zero_(), cc.b_dec.zero_()
@@ -264,9 +284,10 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
         cc.b_enc.copy_(sae.b_enc)
         cc.W_dec[:, 64:] = sae.W_dec
     cc.save(tmp_path / "crosscoder", {"crosscoder": {"scale_base": 1.0, "scale_ft": 1.0}})
+    dead = np.arange(n) >= 5
     rel = np.array([0.95, 0.5, 0.5, 0.6, 0.5, 0.5, 0.5, 0.5])
     write_csv(tmp_path / "crosscoder" / "features.csv", {"feature": np.arange(n), "relative_norm": rel,
-              "dead": np.isnan(score), "score": np.where(np.isnan(score), np.nan, rel)})
+              "dead": dead, "score": np.where(dead, np.nan, rel)})
     cfg = load_config(overrides=[f"finetuned_model={tiny_llama_dir}", f"base_model={tiny_llama_dir}", f"hook={HOOK0}",
                                  "context_size=40", "eval.min_fires=3", "eval.examples=48",
                                  "eval.clamp_n=[2,9]", "eval.causal_examples=2", "eval.steer_strengths=[1.0]", "device=cpu"])
@@ -277,17 +298,20 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
     assert lab["live_features"] == 5 and lab["judged_features"] == 4 and lab["unjudged_live_features"] == 1
     assert lab["relevant"] == 2 and lab["relevant_features"] == [0, 1] and lab["null_false_positive_rate"] <= 0.01
     assert lab["relevant_string_rule"] == 1 and lab["params"]["min_pairs"] == 10 and lab["params"]["pairs"] == 24
-    sw = metrics["methods"]["stagewise"]
-    # judged ranking 1 3 0 4 with relevant {0, 1}: AP = (1/1 + 2/3) / 2; selected {1, 3}: precision 1/2; base rate 2/4
-    assert sw["ap"] == pytest.approx((1 + 2 / 3) / 2)
-    assert sw["precision"] == pytest.approx(0.5) and sw["base_rate"] == pytest.approx(0.5)
-    assert sw["enrichment"] == pytest.approx(1.0) and sw["selected"] == 2 and sw["live"] == 5 and sw["judged"] == 4
-    assert sw["precision_ci"][0] < 0.5 < sw["precision_ci"][1] and sw["at_k"]["stagewise_k"]["k"] == 2
+    ms = metrics["methods"]
+    sw = ms["stagewise"]
+    # the diff selected and ranked the relevant pair {0, 1} first: AP 1, precision 2/2 against a base rate 2/4
+    assert sw["ap"] == 1.0 and sw["precision"] == 1.0 and sw["base_rate"] == pytest.approx(0.5)
+    assert sw["enrichment"] == pytest.approx(2.0) and sw["selected"] == 2 and sw["live"] == 5 and sw["judged"] == 4
+    assert sw["precision_ci"][0] < 1.0 and sw["at_k"]["stagewise_k"]["k"] == 2 and sw["at_k"]["stagewise_k"]["precision"] == 1.0
+    assert ms["stagewise_threshold"]["ap"] == ms["m_to_f"]["ap"] == ms["s_to_f"]["ap"] == 1.0
+    # D -> F alone ranks " the" (turned furthest, on that axis only) first: judged ranking 3, {0, 1}, 4
+    assert ms["d_to_f"]["ap"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     keys = set(sw)
-    assert {"stagewise_percentile", "stagewise_threshold", "d_to_f", "m_to_f", "s_to_f", "oracle"} <= set(metrics["methods"])
-    assert all(set(m) - {"selection"} == keys - {"selection"} for m in metrics["methods"].values())
-    assert metrics["methods"]["oracle"]["at_k"]["10"]["precision"] == pytest.approx(2 / 4)  # both relevant first
-    assert metrics["methods"]["oracle"]["ap"] == 1.0
+    assert {"stagewise_percentile", "stagewise_threshold", "d_to_f", "m_to_f", "s_to_f", "oracle"} <= set(ms)
+    assert all(set(m) - {"selection"} == keys - {"selection"} for m in ms.values())
+    assert ms["oracle"]["at_k"]["10"]["precision"] == pytest.approx(2 / 4)  # both relevant first
+    assert ms["oracle"]["ap"] == 1.0
     # crosscoder: the same paired rule on its own latents; selection = relative norm >= 0.9 = latent 0, relevant
     x = metrics["methods"]["crosscoder"]
     assert x["selected"] == 1 and x["precision"] == 1.0 and x["live"] == 5 and lab["own_dictionaries"]["crosscoder"]["relevant"] == 2
@@ -296,3 +320,42 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
     assert [r["n"] for r in c["clamp"]] == [2] and set(c["clamp_by_method"]) == set(c["n_to_remove"]) == set(metrics["methods"])
     assert c["controls"]["untouched_splice_identical_logits"] and c["clean_loss"]["spliced_untouched"] == c["clean_loss"]["before"]
     assert "stagewise" in capsys.readouterr().out
+
+
+def test_activation_difference_baseline_ranks_the_planted_rise_first(tmp_path):
+    """The activation-difference baseline on a planted pair of stores: the fine-tuned rows are the base
+    rows plus 2 along feature 5's direction everywhere, plus 5 along feature 3's on every tenth row, minus
+    2 along feature 7's; past `eval.activation_rows` a huge rise of feature 0 that must not be read.
+    Features read one coordinate each (relu(x_j)), so the mean rise per feature is known in closed form."""
+    try:
+        from stagediff.activations import write_store
+    except ImportError:  # TODO(lead): drop once activations.write_store (issue 17) is merged
+        from test_crosscoder import _write_store as write_store
+    from stagediff.config import load_config
+    from stagediff.evaluate.rankings import from_scores
+    from stagediff.evaluate.run import _activation_diff
+
+    d_in, d_sae, rows, read = 16, 12, 3000, 2000
+    base = torch.randn(rows, d_in, generator=torch.Generator().manual_seed(0))
+    ft = base.clone()
+    ft[:, 5] += 2.0
+    ft[::10, 3] += 5.0
+    ft[:, 7] -= 2.0
+    ft[read:, 0] += 100.0  # beyond the rows the baseline reads
+    for model, x in (("base", base), ("finetuned", ft)):
+        (tmp_path / "activations" / f"{model}__finetune").mkdir(parents=True)
+        write_store(tmp_path / "activations" / f"{model}__finetune", x)
+    saes = {}
+    for name, gain in (("F_via_D", 1.0), ("F_via_M", 2.0)):  # both F dictionaries, averaged
+        sae = SAE(d_in, SAEConfig(architecture="relu", d_sae=d_sae))
+        with torch.no_grad():
+            sae.W_enc.copy_(gain * torch.eye(d_in)[:, :d_sae]), sae.b_enc.zero_(), sae.b_dec.zero_()
+        saes[name] = sae
+    cfg = load_config(overrides=[f"eval.activation_rows={read}"])
+    diff = _activation_diff(tmp_path, cfg, saes)
+    expect = 1.5 * (ft[:read, :d_sae].relu().mean(0) - base[:read, :d_sae].relu().mean(0)).double().numpy()
+    np.testing.assert_allclose(diff, expect, rtol=1e-4, atol=1e-6)
+    assert diff[5] > 2.0 and 0.5 < diff[3] < diff[5] and diff[7] < -0.5 and abs(diff[0]) < 1e-6
+    ranking = from_scores("activation_diff", diff, np.ones(d_sae, bool), np.zeros(0, np.int64), "").ranking
+    assert ranking[:2].tolist() == [5, 3] and ranking[-1] == 7
+    assert _activation_diff(tmp_path / "elsewhere", cfg, saes) is None  # no paired stores: no baseline

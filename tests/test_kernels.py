@@ -184,3 +184,16 @@ def test_batchtopk_with_nothing_to_keep():
     """k * B rounding to 0 selects nothing: x_hat = b_dec and zero encoder gradients, as dense."""
     out = compare(make(4, 6, 10, seed=11), k=0.1, batch_topk=True)
     assert float(out.l0) == 0
+
+
+def test_stable_argsort_orders_like_torch_with_ties():
+    """The CSR transpose's sort: by key, ties in their original order, on both paths (radix and torch)."""
+    from stagediff.kernels import _stable_argsort
+
+    g = torch.Generator().manual_seed(0)
+    for n_keys in (7, 4608, 1 << 16, (1 << 16) + 1):
+        keys = torch.randint(n_keys, (50_000,), generator=g)
+        keys[:3] = n_keys - 1  # the largest key, tied
+        perm = _stable_argsort(keys, n_keys)
+        assert torch.equal(perm, torch.argsort(keys, stable=True)), n_keys
+        assert torch.equal(keys[perm], keys.sort().values)

