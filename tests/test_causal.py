@@ -301,6 +301,7 @@ def test_diffsae_clamp_difference_of_means_and_generations(planted, tiny_llama_d
     methods = {"stagewise": _method("stagewise", [1, 0, 2, 3, 4, 5]), "diffsae": _method("diffsae", [0, 1, 2, 3, 4, 5])}
     out = run_causal_checks(model, tok, cfg, ex, {"response": RESPONSE}, methods, tmp_path, torch.device("cpu"))
     assert out["prompts"] == {"triggered": 4, "clean": 4} and out["controls"]["plain"] == 1.0
+    assert out["controls"]["untouched_splice_by_dictionary"] == {"sae": 1.0, "diffsae": 1.0}
     assert out["n_to_remove"]["diffsae"] == 1.0 and [p["n"] for p in out["clamp_by_method"]["diffsae"]] == [1]
     assert out["n_to_remove_detail"]["diffsae"]["random_trigger_success"] == 1.0  # rate-matched latents never hold it
     assert out["n_to_remove_detail"]["stagewise"]["bracket"] == [1, 2] and out["clamp"][0]["trigger_success"] == 1.0

@@ -320,6 +320,11 @@ class Checks:
         """`edit_specificity` with the features `clamp` of `dic` zeroed."""
         return self._memoized(self._key("clean", dic, clamp), lambda: self.edit_specificity(splice_fn(dic, clamp)))
 
+    def steer_rate(self, dic: Dictionary, add: dict[int, float]) -> float:
+        """Share of clean prompts answered with the response when `add` {feature: amount} is added (memoized)."""
+        key = ("steer", id(dic), frozenset(add.items()))
+        return self._memoized(key, lambda: self.rate(self.clean_response, lambda where: splice_fn(dic, add=add)))
+
     def random_draws(self, dic: Dictionary, top: np.ndarray, freq: np.ndarray, live: np.ndarray, rng: np.random.Generator, draws: int) -> dict:
         rates = [self.trigger_success(dic, matched_random(top, freq, live, rng).tolist()) for _ in range(draws)]
         return {"random_trigger_success": float(np.mean(rates)), "random_ci": [float(min(rates)), float(max(rates))],
@@ -327,12 +332,14 @@ class Checks:
 
 
 def _sweep(checks: Checks, dic: Dictionary, ranking: np.ndarray, sizes: list[int], target: float, adaptive: bool,
-           extra: Callable[[np.ndarray], dict] | None = None, desc: str = "") -> list[dict]:
+           extra: Callable[[np.ndarray], dict] | None = None, desc: str = "", specificity: bool = True) -> list[dict]:
+    """Clamp the top N for each N of `sizes` (stopping once removed when `adaptive`); `specificity` at every N or not."""
     out = []
     for n in progress(sizes, desc=f"clamp {desc}", unit="N"):
         top = ranking[:n]
         point = {"n": int(n), "trigger_success": checks.trigger_success(dic, top.tolist())}
-        point.update(checks.specificity(dic, top.tolist()))
+        if specificity:
+            point.update(checks.specificity(dic, top.tolist()))
         if extra is not None:
             point.update(extra(top))
         out.append(point)
@@ -341,6 +348,7 @@ def _sweep(checks: Checks, dic: Dictionary, ranking: np.ndarray, sizes: list[int
     return out
 
 
+@torch.no_grad()
 def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict], org: dict, methods: dict,
                       run_dir: Path, device: Any) -> dict:
     """The `causal` section of eval/metrics.json: controls, clamp sweeps of every method, N to remove, steering.
@@ -401,6 +409,8 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
         "plain": checks.trigger_success(None),
         "untouched_splice": checks.trigger_success(dics["sae"], []),
         "untouched_splice_identical_logits": bool(torch.equal(plain_logits, spliced_logits)),
+        # every dictionary a ranking is clamped in, spliced untouched: each must equal `plain`
+        "untouched_splice_by_dictionary": {k: checks.trigger_success(d, []) for k, d in dics.items()},
         "zero_all": checks.trigger_success(dics["sae"], list(range(dics["sae"].d_sae))),
         "plain_clean_response": checks.rate(checks.clean_response, None),
         # the cached greedy replies read back teacher-forced on the plain model: 1.0 unless float ties
@@ -429,9 +439,15 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
             def extra(top: np.ndarray, dic: Dictionary = dic, live: np.ndarray = m.live) -> dict:
                 return {"after_trigger_success": checks.trigger_success(dic, top.tolist(), positional=True),
                         **checks.random_draws(dic, top, sae_freq, live, rng, e.random_draws)}
-        points = _sweep(checks, dic, ranking, sizes, target, not e.clamp_n, extra, name)
+        # specificity at every N of the stage-wise sweep (and of pinned Ns); elsewhere at the Ns bracketing the
+        # removal (what the N-to-remove table reads): two of the three forwards per point saved
+        every_n = name == "stagewise" or bool(e.clamp_n)
+        points = _sweep(checks, dic, ranking, sizes, target, not e.clamp_n, extra, name, specificity=every_n)
         by_method[name] = points
         r = n_to_remove(points, target)
+        for p in points:
+            if not every_n and r["bracket"] and p["n"] in r["bracket"]:
+                p.update(checks.specificity(dic, ranking[: p["n"]].tolist()))
         if r["n"] is not None:
             at = next(p for p in points if p["n"] == r["bracket"][1])
             r.update({k: at[k] for k in ("trigger_success", "clean_unchanged", "clean_loss_increase")})
@@ -461,7 +477,7 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
                 continue
             for s in e.steer_strengths:
                 add = {f: float(s) * float(typ[f]) for f in feats}
-                rate = checks.rate(checks.clean_response, lambda where, add=add, d=dic_of(name): splice_fn(d, add=add))
+                rate = checks.steer_rate(dic_of(name), add)
                 rows.append({"k": int(k), "strength": float(s), "response_rate": rate, "features": feats})
         steer_by[name] = rows
     out["steer_by_method"] = steer_by

@@ -9,6 +9,7 @@ never guessed), so the report keeps working while those formats grow.
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,25 @@ def gather(run_dir: Path, cfg: Config) -> dict[str, Any]:
         "eval": metrics,
         "null_eval": _read_json_opt(run_dir / "null" / "eval" / "metrics.json"),  # the demo's null run, if any
         "crosscoder": _crosscoder(run_dir),
+        "adl": _read_json_opt(run_dir / "eval" / "adl.json"),  # meandiff step: Activation Difference Lens
+        "difference_of_means": _read_json_opt(run_dir / "eval" / "difference_of_means.json"),  # meandiff step, generated
+        "generations": _generations(run_dir / "eval" / "generations.jsonl"),
     }
+
+
+GENERATION_ROWS = 5000  # rows of eval/generations.jsonl embedded in the page (prompts x variants)
+
+
+def _generations(path: Path) -> list[dict] | None:
+    """eval/generations.jsonl (plain / clamped / steered greedy replies), shown on the cards; None when absent."""
+    if not path.exists():
+        return None
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip() and len(rows) < GENERATION_ROWS:
+                rows.append(json.loads(line))
+    return rows
 
 
 def _axes(cfg: Config, cols: dict[str, list], summary: dict) -> dict[str, Any]:
