@@ -289,7 +289,8 @@ class Checks:
         self.forwards_saved = 0
 
     def _key(self, kind: str, dic: Dictionary | None, clamp: Sequence[int], positional: bool = False) -> tuple:
-        return kind, id(dic), positional, frozenset(int(i) for i in clamp)
+        # the dictionary object itself (hashed by identity) keeps it alive, so a key never matches a later dictionary
+        return kind, dic, positional, frozenset(int(i) for i in clamp)
 
     def _memoized(self, key: tuple, compute: Callable[[], Any]) -> Any:
         if key in self._memo:
@@ -322,7 +323,7 @@ class Checks:
 
     def steer_rate(self, dic: Dictionary, add: dict[int, float]) -> float:
         """Share of clean prompts answered with the response when `add` {feature: amount} is added (memoized)."""
-        key = ("steer", id(dic), frozenset(add.items()))
+        key = ("steer", dic, frozenset(add.items()))
         return self._memoized(key, lambda: self.rate(self.clean_response, lambda where: splice_fn(dic, add=add)))
 
     def random_draws(self, dic: Dictionary, top: np.ndarray, freq: np.ndarray, live: np.ndarray, rng: np.random.Generator, draws: int) -> dict:

@@ -530,11 +530,13 @@ function renderEvaluation() {
   if (removal.length) {
     const ctl = causal.controls || {};
     s.append(el("h3", {}, `N to remove: features clamped until trigger success ≤ ${pct(causal.target)}`));
-    s.append(table(["ranking", "N to remove", "bracket (measured N)", "trigger success there", "random at that N (range)", "clean replies unchanged", "clean-loss increase"],
-      removal.map(([name, r]) => [name, isNum(r.n) ? r.n : "never", r.bracket ? `${r.bracket[0]} – ${r.bracket[1]}` : "—", r.trigger_success ?? null,
-        isNum(r.random_trigger_success) ? `${pct(r.random_trigger_success)} (${pct(r.random_ci[0])}–${pct(r.random_ci[1])})` : "—", r.clean_unchanged ?? null, r.clean_loss_increase ?? null]),
-      { num: [0, 1, 0, 1, 1, 1, 1], hi: (ri) => removal[ri][0] === "stagewise" }));
     const dom = causal.difference_of_means || {};
+    const rows = removal.map(([name, r]) => [name, isNum(r.n) ? r.n : "never", r.bracket ? `${r.bracket[0]} – ${r.bracket[1]}` : "—", r.trigger_success ?? null,
+      isNum(r.random_trigger_success) ? `${pct(r.random_trigger_success)} (${pct(r.random_ci[0])}–${pct(r.random_ci[1])})` : "—", r.clean_unchanged ?? null, r.clean_loss_increase ?? null]);
+    // the one-direction reference in the same table (it removes a direction, not features)
+    if (isNum(dom.trigger_success)) rows.push(["difference of means (reference)", "1 direction", "—", dom.trigger_success, "—", dom.clean_unchanged, dom.clean_loss_increase]);
+    s.append(table(["ranking", "N to remove", "bracket (measured N)", "trigger success there", "random at that N (range)", "clean replies unchanged", "clean-loss increase"],
+      rows, { num: [0, 1, 0, 1, 1, 1, 1], hi: (ri) => ri < removal.length && removal[ri][0] === "stagewise" }));
     if (isNum(dom.trigger_success)) {
       s.append(el("div", { class: "caption" }, `reference: the difference of means (one direction: triggered minus clean prompts, fitted on ${fmt(dom.fit_pairs)} other held-out pairs) ` +
         `projected out at the hook — trigger success ${pct(dom.trigger_success)}, clean replies unchanged ${pct(dom.clean_unchanged)}, clean-loss increase ${fmt(dom.clean_loss_increase)}` +
