@@ -178,6 +178,13 @@ def test_random_sets_never_remove_what_one_feature_carries(planted, tmp_path):
         r = checks.random_draws(dic, np.arange(n), freq, live, rng, 5)
         assert r["random_trigger_success"] == 1.0 and r["random_ci"] == [1.0, 1.0]
     assert checks.trigger_success(dic, [0]) == 0.0
+    # measurements are memoized per (dictionary, clamped set): the same set again costs no forward, another dictionary does
+    saved = checks.forwards_saved
+    assert checks.trigger_success(dic, [0]) == 0.0 and checks.forwards_saved == saved + 1
+    other = Dictionary(sae)
+    with torch.no_grad():
+        other.write = torch.zeros_like(sae.W_dec)  # writes nothing: its clamp leaves the behaviour
+    assert checks.trigger_success(other, [0]) == 1.0 and checks.forwards_saved == saved + 1
     # the positional clamp: at/after the trigger removes it, strictly before the trigger does nothing
     assert checks.trigger_success(dic, [0], positional=True) == 0.0
     assert checks.rate(checks.trig, lambda where: splice_fn(dic, [0], where=~where), positional=True) == 1.0
