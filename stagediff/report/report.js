@@ -240,7 +240,7 @@ function renderControlRotations(root, i) {
     if (!ctl.length) continue;
     const cell = (c) => (F[c] ? F[c][i] : null);
     rows.push([a.label, fmt(cell(a.column), 5), el("span", {}, ctl.map((c) => el("span", { class: "chip", title: c }, fmt(cell(c), 5)))),
-      cell(`z_${k}`), isNum(cell(`p_${k}`)) ? cell(`p_${k}`).toExponential(1) : "—", cell(`q_${k}`)]);
+      cell(`z_${k}`), cell(`p_${k}`), cell(`q_${k}`)]);
   }
   if (!rows.length) return;
   root.append(el("h3", {}, "Real rotation against the control continuations"));
