@@ -177,6 +177,7 @@ def test_random_sets_never_remove_what_one_feature_carries(planted, tmp_path):
     for n in (1, 2, 5):  # matched to the top-n of the ranking that puts the carrier first
         r = checks.random_draws(dic, np.arange(n), freq, live, rng, 5)
         assert r["random_trigger_success"] == 1.0 and r["random_ci"] == [1.0, 1.0]
+        assert r["random_size"] == min(n, 6 - n)  # disjoint from the top n of 6 live features: fewer past half, recorded
     assert checks.trigger_success(dic, [0]) == 0.0
     # measurements are memoized per (dictionary, clamped set): the same set again costs no forward, another dictionary does
     saved = checks.forwards_saved

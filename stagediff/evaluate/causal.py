@@ -327,9 +327,11 @@ class Checks:
         return self._memoized(key, lambda: self.rate(self.clean_response, lambda where: splice_fn(dic, add=add)))
 
     def random_draws(self, dic: Dictionary, top: np.ndarray, freq: np.ndarray, live: np.ndarray, rng: np.random.Generator, draws: int) -> dict:
-        rates = [self.trigger_success(dic, matched_random(top, freq, live, rng).tolist()) for _ in range(draws)]
+        picks = [matched_random(top, freq, live, rng) for _ in range(draws)]
+        rates = [self.trigger_success(dic, pick.tolist()) for pick in picks]
+        # the sets are disjoint from the top N, so past half the live features they hold fewer than N (recorded)
         return {"random_trigger_success": float(np.mean(rates)), "random_ci": [float(min(rates)), float(max(rates))],
-                "random_draws": rates}
+                "random_draws": rates, "random_size": int(min(len(pick) for pick in picks))}
 
 
 def _sweep(checks: Checks, dic: Dictionary, ranking: np.ndarray, sizes: list[int], target: float, adaptive: bool,
@@ -454,7 +456,7 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
             r.update({k: at[k] for k in ("trigger_success", "clean_unchanged", "clean_loss_increase")})
             rand = at if "random_trigger_success" in at else \
                 checks.random_draws(dic, ranking[: at["n"]], freq_of(name, m), m.live, rng, e.random_draws)
-            r.update({k: rand[k] for k in ("random_trigger_success", "random_ci")})
+            r.update({k: rand[k] for k in ("random_trigger_success", "random_ci", "random_size")})
         removal[name] = r
     out["clamp_by_method"] = by_method
     out["clamp"] = by_method.get("stagewise", [])

@@ -532,7 +532,8 @@ function renderEvaluation() {
     s.append(el("h3", {}, `N to remove: features clamped until trigger success ≤ ${pct(causal.target)}`));
     const dom = causal.difference_of_means || {};
     const rows = removal.map(([name, r]) => [name, isNum(r.n) ? r.n : "never", r.bracket ? `${r.bracket[0]} – ${r.bracket[1]}` : "—", r.trigger_success ?? null,
-      isNum(r.random_trigger_success) ? `${pct(r.random_trigger_success)} (${pct(r.random_ci[0])}–${pct(r.random_ci[1])})` : "—", r.clean_unchanged ?? null, r.clean_loss_increase ?? null]);
+      isNum(r.random_trigger_success) ? `${pct(r.random_trigger_success)} (${pct(r.random_ci[0])}–${pct(r.random_ci[1])})` +
+        (isNum(r.random_size) && r.bracket && r.random_size < r.bracket[1] ? ` · only ${r.random_size} live features outside the top ${r.bracket[1]}` : "") : "—", r.clean_unchanged ?? null, r.clean_loss_increase ?? null]);
     // the one-direction reference in the same table (it removes a direction, not features)
     if (isNum(dom.trigger_success)) rows.push(["difference of means (reference)", "1 direction", "—", dom.trigger_success, "—", dom.clean_unchanged, dom.clean_loss_increase]);
     s.append(table(["ranking", "N to remove", "bracket (measured N)", "trigger success there", "random at that N (range)", "clean replies unchanged", "clean-loss increase"],
