@@ -323,9 +323,12 @@ def test_diffsae_clamp_difference_of_means_and_generations(planted, tiny_llama_d
     dom = out["difference_of_means"]
     assert dom["directions"] == 1 and dom["fit_pairs"] == 4 and dom["trigger_success"] == 0.0
     # generations: the first triggered and clean prompts, plain / untouched / clamped at the removal N / steered
-    rows = [json.loads(line) for line in open(tmp_path / "eval" / "generations.jsonl")]
-    by = lambda edit, trig: [r["reply"] for r in rows if r["edit"] == edit and r["triggered"] == trig]  # noqa: E731
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+
+    def by(edit: str, trig: bool) -> list[str]:
+        return [r["reply"] for r in rows if r["edit"] == edit and r["triggered"] == trig]
+
     assert len(rows) == 8 * 4 and out["generations"]["clamped_n"] == 2
     assert by("plain", True) == by("untouched_splice", True) and all(r.lstrip().startswith(RESPONSE) for r in by("plain", True))
     assert not any(r.lstrip().startswith(RESPONSE) for r in by("clamp", True))
-    assert [r["features"] for r in rows if r["edit"] == "clamp"][0] == [1, 0]
+    assert next(r["features"] for r in rows if r["edit"] == "clamp") == [1, 0]
