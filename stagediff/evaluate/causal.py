@@ -9,18 +9,25 @@ Every check reads one teacher-forced forward per batch instead of a generation l
 decoding yields a target continuation t exactly when argmax(logits) = t_j at each of its
 positions given t_<j, so "the reply starts with the response" and "the greedy clean reply is
 unchanged" are both one forward over prompt + target (targets: the response tokens, or the plain
-model's greedy reply cached once). That is what keeps the sweeps fast.
+model's greedy reply cached once). That is what keeps the sweeps fast; measurements are also
+memoized per (dictionary, clamped set), so rankings sharing a prefix cost one forward.
 
-- clamp sweep per ranking: f'[top N] = 0, N = 1, 2, 5, 10, 20, 50, ... until trigger success <= the
-  target (or every live feature is clamped); "N to remove" interpolated on log N between the
-  bracketing points; specificity (clean replies unchanged, clean-loss increase) at each N;
-- controls: plain model, untouched splice (must equal it exactly), zero-all (every feature
-  clamped), frequency-matched random sets (several draws: every N of the stage-wise sweep and each
-  method's removal N), the stage-wise clamp applied only at/after the trigger;
+- clamp sweep per ranking (every stage-wise variant, D->F, M->F, S->F, activation difference,
+  oracle, the crosscoder and the diff-SAE in their own dictionaries): f'[top N] = 0, N = 1, 2, 5,
+  10, 20, 50, ... until trigger success <= the target (or every live feature is clamped); "N to
+  remove" interpolated on log N between the bracketing points; specificity (clean replies
+  unchanged, clean-loss increase) at each N of the stage-wise sweep and at each other ranking's
+  bracketing Ns;
+- controls: plain model, untouched splice of every dictionary (must equal it exactly), zero-all
+  (every feature clamped), frequency-matched random sets (several draws: every N of the stage-wise
+  sweep and each method's removal N; disjoint from the top N, so their size is recorded), the
+  stage-wise clamp applied only at/after the trigger; the difference of means projected out (one
+  direction, the reference of issue 18);
 - steer (sufficiency): add strength x typical activation to each of the top k features on clean
   prompts -> how often the response appears without the trigger;
-- own models (`eval.prompts_file`, no organism): greedy generations plain / clamped / steered
-  -> eval/generations.jsonl, and each stage's spliced "loss recovered".
+- generations: greedy replies plain / untouched / clamped / steered -> eval/generations.jsonl (organism
+  runs: a few held-out prompts, for the report's cards; own models, `eval.prompts_file`: the user's
+  prompts, and each stage's spliced "loss recovered").
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ Order of work:
    crosscoder (its latents labelled by the same paired rule on paired held-out activations);
    each scored over the judged features at its own selection, at equal k and at the size
    stage-wise selects, with exact intervals and p-values against the base rate (metrics.py);
-4. clamp / steer / clean-loss with the `eval.causal_stage` dictionary spliced in.
+4. clamp / steer / clean-loss with the `eval.causal_stage` dictionary spliced in (the crosscoder and the
+   diff-SAE in their own), the difference-of-means reference, generations for the report's cards.
 """
 
 from __future__ import annotations
