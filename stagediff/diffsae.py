@@ -23,7 +23,8 @@ activation μ_base over the paired stores (RUN/diffsae/base_mean.safetensors):
 Exact when the base residual equals its mean; otherwise a latent's activation also sees the base
 model's own variation around its mean (r_base − μ_base), which the difference SAE never saw in
 training, so f_j can be over- or under-estimated on single tokens. An unclamped splice is the
-identity exactly.
+identity exactly. The causal sweep (evaluate/causal.py) clamps the diff-SAE's top latents this way,
+beside every other ranking, and reports its N to remove.
 """
 
 from __future__ import annotations
@@ -165,18 +166,13 @@ def load_base_mean(run_dir: Path) -> Tensor:
 
 
 def diffsae_splice_fn(sae: SAE, base_mean: Tensor, clamp: Sequence[int] = ()) -> Callable[[Tensor], Tensor]:
-    """resid -> resid − Σ_{j in clamp} f_j(resid − μ_base) d_j (module docstring: the approximation)."""
-    idx = torch.as_tensor(list(clamp), dtype=torch.long)
+    """resid -> resid − Σ_{j in clamp} f_j(resid − μ_base) d_j (module docstring: the approximation).
 
-    def fn(resid: Tensor) -> Tensor:
-        if idx.numel() == 0:
-            return resid
-        p = next(sae.parameters())
-        i = idx.to(p.device)
-        f = sae.encode(resid.to(p.dtype) - base_mean.to(p.device, p.dtype))[..., i]
-        return (resid.to(p.dtype) - f @ sae.W_dec[i]).to(resid.dtype)
+    The causal checks' splice with the diff-SAE read as a `Dictionary` shifted by μ_base (one splice for every method).
+    """
+    from stagediff.evaluate.causal import Dictionary, splice_fn
 
-    return fn
+    return splice_fn(Dictionary(sae, shift=base_mean), clamp)
 
 
 def step_diffsae(run: Any) -> None:

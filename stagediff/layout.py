@@ -167,6 +167,11 @@ def adl_json(run_dir: Path) -> Path:
     return eval_dir(run_dir) / "adl.json"
 
 
+def generations_jsonl(run_dir: Path) -> Path:
+    """Greedy generations, plain / clamped / steered (evaluate/causal.py), shown on the report's cards."""
+    return eval_dir(run_dir) / "generations.jsonl"
+
+
 def difference_of_means_json(run_dir: Path) -> Path:
     """The difference-of-means ablation baseline (meandiff.py)."""
     return eval_dir(run_dir) / "difference_of_means.json"

@@ -167,17 +167,24 @@ def split_heldout(examples: list[dict], n_test: int) -> tuple[list[dict], list[d
     return fit, test
 
 
-def ablate_difference_of_means(model: Any, tokenizer: Any, hook: str, fit: list[dict], test: list[dict], response: str,
-                               context_size: int, prepend_bos: bool = True, batch_size: int = 16) -> dict:
-    """Fit the difference of means on `fit`, project it out at the hook -> trigger success and clean loss on `test`."""
+def fit_difference_of_means(model: Any, tokenizer: Any, hook: str, fit: list[dict], context_size: int,
+                            prepend_bos: bool = True, batch_size: int = 16) -> tuple[Tensor, int]:
+    """The difference-of-means direction of the held-out pairs `fit` (prompts only), and how many pairs it used."""
     from stagediff.evaluate.labels import heldout_windows
-    from stagediff.models import splice
-    from stagediff.organism.behaviour import clean_loss, evaluate_backdoor
 
     # prompts only: the teacher-forced replies differ by construction (backdoor reply vs clean answer) and would
     # swamp the mean difference with the replies' token content
     held = heldout_windows([{**x, "text": x["prompt"]} for x in fit], tokenizer, context_size, prepend_bos)
-    direction = difference_of_means(model, held, hook, batch_size)
+    return difference_of_means(model, held, hook, batch_size), int(held.pairs.shape[0])
+
+
+def ablate_difference_of_means(model: Any, tokenizer: Any, hook: str, fit: list[dict], test: list[dict], response: str,
+                               context_size: int, prepend_bos: bool = True, batch_size: int = 16) -> dict:
+    """Fit the difference of means on `fit`, project it out at the hook -> trigger success and clean loss on `test`."""
+    from stagediff.models import splice
+    from stagediff.organism.behaviour import clean_loss, evaluate_backdoor
+
+    direction, pairs = fit_difference_of_means(model, tokenizer, hook, fit, context_size, prepend_bos, batch_size)
     before = evaluate_backdoor(model, tokenizer, test, response)
     loss_before = clean_loss(model, tokenizer, test)
     with splice(model, hook, project_out_fn(direction)):
@@ -186,7 +193,7 @@ def ablate_difference_of_means(model: Any, tokenizer: Any, hook: str, fit: list[
     return {"trigger_success": after["trigger_success"], "trigger_success_before": before["trigger_success"],
             "false_trigger": after["false_trigger"], "false_trigger_before": before["false_trigger"],
             "clean_loss_before": float(loss_before), "clean_loss_after": float(loss_after), "norm": float(direction.norm()),
-            "fit_pairs": int(held.pairs.shape[0]), "test_prompts": {"triggered": after["n_triggered"], "clean": after["n_clean"]},
+            "fit_pairs": pairs, "test_prompts": {"triggered": after["n_triggered"], "clean": after["n_clean"]},
             "samples": after["samples_triggered"], "direction": direction}
 
 

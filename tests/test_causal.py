@@ -177,7 +177,15 @@ def test_random_sets_never_remove_what_one_feature_carries(planted, tmp_path):
     for n in (1, 2, 5):  # matched to the top-n of the ranking that puts the carrier first
         r = checks.random_draws(dic, np.arange(n), freq, live, rng, 5)
         assert r["random_trigger_success"] == 1.0 and r["random_ci"] == [1.0, 1.0]
+        assert r["random_size"] == min(n, 6 - n)  # disjoint from the top n of 6 live features: fewer past half, recorded
     assert checks.trigger_success(dic, [0]) == 0.0
+    # measurements are memoized per (dictionary, clamped set): the same set again costs no forward, another dictionary does
+    saved = checks.forwards_saved
+    assert checks.trigger_success(dic, [0]) == 0.0 and checks.forwards_saved == saved + 1
+    other = Dictionary(sae)
+    with torch.no_grad():
+        other.write = torch.zeros_like(sae.W_dec)  # writes nothing: its clamp leaves the behaviour
+    assert checks.trigger_success(other, [0]) == 1.0 and checks.forwards_saved == saved + 1
     # the positional clamp: at/after the trigger removes it, strictly before the trigger does nothing
     assert checks.trigger_success(dic, [0], positional=True) == 0.0
     assert checks.rate(checks.trig, lambda where: splice_fn(dic, [0], where=~where), positional=True) == 1.0
@@ -275,3 +283,52 @@ def test_prompts_file_writes_generations_for_a_model_without_organism(tiny_llama
     assert abs(rec["F_via_D"]["spliced"] - rec["F_via_D"]["plain"]) > 1e-3  # six token detectors reconstruct little
     with pytest.raises(StagediffError, match="prompts_file"):
         run_steps(load_config(overrides=[*base, f"eval.prompts_file={tmp_path / 'missing.jsonl'}"]), tmp_path, ("evaluate",))
+
+
+def test_diffsae_clamp_difference_of_means_and_generations(planted, tiny_llama_dir, tmp_path):
+    """The diff-SAE in the sweep: its latent reading the planted difference (trigger embedding minus the base model's
+    mean) removes the behaviour at N = 1 and its other latents never do; the difference of means fitted on pairs the
+    checks do not use removes it with one direction; the cards' generations are written, plain vs clamped vs steered."""
+    from stagediff.diff import write_csv
+    from stagediff.evaluate.causal import Dictionary
+    from stagediff.files import save_tensors
+
+    model, tok = planted
+    base, _ = load_model(tiny_llama_dir, device=torch.device("cpu"), dtype=torch.float32)
+    _run_dir(tmp_path, model, tok)
+    mu = base.get_input_embeddings().weight.detach().mean(0)  # the base model's mean residual at blocks.0 (its embeddings)
+    # latent j fires (0.4) where resid - mu is the planted model's embedding of DETECTS[j] minus mu, and decodes that difference
+    dsae = _detector_sae(model.get_input_embeddings().weight.detach() - mu, [_tok(tok, s) for s in DETECTS])
+    dsae.save(tmp_path / "diffsae", {"hook_name": HOOK0})
+    save_tensors(tmp_path / "diffsae" / "base_mean.safetensors", {"base_mean": mu})
+    write_csv(tmp_path / "diffsae" / "features.csv", {"feature": np.arange(8), "freq": np.array([0.01, 0.2, 0.1, 0.05, 0.05, 0.01, 0.0, 0.0])})
+    # the clean copy holds a plain token where the trigger sits, so both copies have a span to average
+    ex = [{**x, "prompt": x["prompt"] + " the", "text": x["text"] + " the"} if not x["triggered"] else x for x in _examples()]
+    cfg = load_config(overrides=[f"hook={HOOK0}", "eval.steer_strengths=[1.0]", "eval.steer_k=[1]", "device=cpu", "eval.causal_examples=4",
+                                 "eval.prompts_steer_features=1", "eval.generation_tokens=3"])
+    methods = {"stagewise": _method("stagewise", [1, 0, 2, 3, 4, 5]), "diffsae": _method("diffsae", [0, 1, 2, 3, 4, 5])}
+    out = run_causal_checks(model, tok, cfg, ex, {"response": RESPONSE}, methods, tmp_path, torch.device("cpu"))
+    assert out["prompts"] == {"triggered": 4, "clean": 4} and out["controls"]["plain"] == 1.0
+    assert out["controls"]["untouched_splice_by_dictionary"] == {"sae": 1.0, "diffsae": 1.0}
+    assert out["n_to_remove"]["diffsae"] == 1.0 and [p["n"] for p in out["clamp_by_method"]["diffsae"]] == [1]
+    assert out["n_to_remove_detail"]["diffsae"]["random_trigger_success"] == 1.0  # rate-matched latents never hold it
+    assert out["n_to_remove_detail"]["stagewise"]["bracket"] == [1, 2] and out["clamp"][0]["trigger_success"] == 1.0
+    assert out["steer_by_method"]["diffsae"][0]["response_rate"] == 1.0  # adding the difference writes the response
+    # its other latents (and an untouched splice) leave the behaviour whole
+    ex_t, ex_c = [x for x in ex if x["triggered"]], [x for x in ex if not x["triggered"]]
+    checks = Checks(model, tok, HOOK0, ex_t, ex_c, RESPONSE, 4, 16)
+    shifted = Dictionary(dsae, shift=mu)
+    assert checks.trigger_success(shifted, [1, 2, 3, 4, 5]) == 1.0 and checks.trigger_success(shifted, []) == 1.0
+    assert checks.trigger_success(shifted, [0]) == 0.0
+    dom = out["difference_of_means"]
+    assert dom["directions"] == 1 and dom["fit_pairs"] == 4 and dom["trigger_success"] == 0.0
+    # generations: the first triggered and clean prompts, plain / untouched / clamped at the removal N / steered
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+
+    def by(edit: str, trig: bool) -> list[str]:
+        return [r["reply"] for r in rows if r["edit"] == edit and r["triggered"] == trig]
+
+    assert len(rows) == 8 * 4 and out["generations"]["clamped_n"] == 2
+    assert by("plain", True) == by("untouched_splice", True) and all(r.lstrip().startswith(RESPONSE) for r in by("plain", True))
+    assert not any(r.lstrip().startswith(RESPONSE) for r in by("clamp", True))
+    assert next(r["features"] for r in rows if r["edit"] == "clamp") == [1, 0]

@@ -131,6 +131,12 @@ def test_write_report_files_and_data(real_run):
         [f"{a}_ctl{j}" for a in ("D", "M") for j in range(3)]
     assert all(0 < st["explained_variance"] <= 1 for st in data["run"]["stages"] if st["stage"] == "S")
     assert len(data["crosscoder"]["relative_norm"]) > 0
+    # the causal checks' generations reach the cards: 4 triggered + 4 clean prompts, plain / untouched / clamped / steered
+    gens = data["generations"]
+    causal = metrics["causal"]
+    assert len(gens) == 8 * (3 + len(causal["generations"]["steered"])) and {g["edit"] for g in gens} == {"plain", "untouched_splice", "clamp", "steer"}
+    assert [g["reply"] for g in gens if g["edit"] == "plain"] == [g["reply"] for g in gens if g["edit"] == "untouched_splice"]
+    assert causal["difference_of_means"]["directions"] == 1 and causal["difference_of_means"]["fit_pairs"] > 0
     # the control continuations' cosines, 3 per axis, pooled over the live features
     assert data["noise_floor"] and len(data["noise_floor"]["cos"]) == 6 * sum(1 for r in rows if r["dead"] != "True")
 
@@ -181,6 +187,9 @@ def test_report_in_headless_chromium(real_run, tmp_path):
     assert result["hover"].startswith(f"feature {result['opened']['feature']}") and "D → F_via_D" in result["hover"]
     assert result["opened"]["open"] and result["opened"]["title"] == f"Feature {result['opened']['feature']}"
     assert result["opened"]["contexts"] > 0 and result["opened"]["chips"] >= 20  # a card with contexts and output tokens
+    # the card's rotations beside its control continuations' (issue 14), and its generations (plain / clamped / steered)
+    assert "Real rotation against the control continuations" in result["opened"]["headings"]
+    assert "Generations (greedy, eval/generations.jsonl)" in result["opened"]["headings"]
     assert set(result["sections"]) == {"overview", "map", "features", "evaluation", "run"}
 
     ARTIFACTS.mkdir(exist_ok=True)

@@ -9,18 +9,25 @@ Every check reads one teacher-forced forward per batch instead of a generation l
 decoding yields a target continuation t exactly when argmax(logits) = t_j at each of its
 positions given t_<j, so "the reply starts with the response" and "the greedy clean reply is
 unchanged" are both one forward over prompt + target (targets: the response tokens, or the plain
-model's greedy reply cached once). That is what keeps the sweeps fast.
+model's greedy reply cached once). That is what keeps the sweeps fast; measurements are also
+memoized per (dictionary, clamped set), so rankings sharing a prefix cost one forward.
 
-- clamp sweep per ranking: f'[top N] = 0, N = 1, 2, 5, 10, 20, 50, ... until trigger success <= the
-  target (or every live feature is clamped); "N to remove" interpolated on log N between the
-  bracketing points; specificity (clean replies unchanged, clean-loss increase) at each N;
-- controls: plain model, untouched splice (must equal it exactly), zero-all (every feature
-  clamped), frequency-matched random sets (several draws: every N of the stage-wise sweep and each
-  method's removal N), the stage-wise clamp applied only at/after the trigger;
+- clamp sweep per ranking (every stage-wise variant, D->F, M->F, S->F, activation difference,
+  oracle, the crosscoder and the diff-SAE in their own dictionaries): f'[top N] = 0, N = 1, 2, 5,
+  10, 20, 50, ... until trigger success <= the target (or every live feature is clamped); "N to
+  remove" interpolated on log N between the bracketing points; specificity (clean replies
+  unchanged, clean-loss increase) at each N of the stage-wise sweep and at each other ranking's
+  bracketing Ns;
+- controls: plain model, untouched splice of every dictionary (must equal it exactly), zero-all
+  (every feature clamped), frequency-matched random sets (several draws: every N of the stage-wise
+  sweep and each method's removal N; disjoint from the top N, so their size is recorded), the
+  stage-wise clamp applied only at/after the trigger; the difference of means projected out (one
+  direction, the reference of issue 18);
 - steer (sufficiency): add strength x typical activation to each of the top k features on clean
   prompts -> how often the response appears without the trigger;
-- own models (`eval.prompts_file`, no organism): greedy generations plain / clamped / steered
-  -> eval/generations.jsonl, and each stage's spliced "loss recovered".
+- generations: greedy replies plain / untouched / clamped / steered -> eval/generations.jsonl (organism
+  runs: a few held-out prompts, for the report's cards; own models, `eval.prompts_file`: the user's
+  prompts, and each stage's spliced "loss recovered").
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from stagediff.organism.behaviour import greedy_tokens
 from stagediff.runtime import progress
 
 SWEEP_STEPS = (1, 2, 5)  # N = 1, 2, 5, 10, 20, 50, 100, 200, 500, ... (x 10 each decade)
+GENERATION_PROMPTS = 4  # triggered and clean prompts each, generated for the report's cards (organism runs)
+OWN_DICTIONARIES = ("crosscoder", "diffsae")  # methods ranking the latents of their own dictionary (RUN/<name>/)
 
 
 # ---------------------------------------------------------------- the dictionary and the splice
@@ -50,14 +59,18 @@ class Dictionary:
     An SAE reads and writes the residual directly. A crosscoder reads [x_base * scale_base,
     x_ft * scale_ft] and writes both halves; spliced into the fine-tuned model alone, it has no base
     activation, so we feed the fine-tuned activation to both halves and write only the fine-tuned half
-    (divided by scale_ft, back to raw units). Edits are applied as a difference of decodes, so the
-    mismatch this makes in the encoding is carried by the error term and an untouched splice stays exact.
+    (divided by scale_ft, back to raw units). A diff-SAE reads x_ft - x_base; the base residual is not
+    known either, so it reads x - `shift` (shift = the mean base activation, diffsae.py's approximation)
+    and clamping latent j removes its part f_j d_j of the difference. Edits are applied as a difference
+    of decodes, so the mismatch this makes in the encoding is carried by the error term and an untouched
+    splice stays exact.
     """
 
-    def __init__(self, sae: Any, crosscoder: dict | None = None):
+    def __init__(self, sae: Any, crosscoder: dict | None = None, shift: torch.Tensor | None = None):
         self.sae = sae
         p = next(sae.parameters())
         self.dtype = p.dtype
+        self.shift = None if shift is None else shift.to(p.device, p.dtype)
         if crosscoder is None:
             self.scale_in, self.write = None, sae.W_dec
         else:
@@ -72,6 +85,8 @@ class Dictionary:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.scale_in is not None:
             x = torch.cat([x * self.scale_in[0], x * self.scale_in[1]], -1)
+        if self.shift is not None:
+            x = x - self.shift
         return self.sae.encode(x)
 
 
@@ -258,7 +273,12 @@ def n_to_remove(points: list[dict], target: float) -> dict:
 
 
 class Checks:
-    """The fine-tuned model with held-out probes laid out once; each method calls `point` per edit."""
+    """The fine-tuned model with held-out probes laid out once; each method calls `point` per edit.
+
+    The plain model's greedy clean replies are generated once, here, and every later check reads them
+    teacher-forced. Measurements are memoized per (dictionary, clamped set): rankings that share a
+    prefix (a stage-wise variant and its score, every ranking at N = all live features) cost one forward.
+    """
 
     def __init__(self, model: Any, tokenizer: Any, hook: str, triggered: list[dict], clean: list[dict], response: str,
                  reply_tokens: int, batch_size: int):
@@ -268,10 +288,23 @@ class Checks:
         resp = tokenizer(" " + response.strip(), add_special_tokens=False)["input_ids"]
         self.trig = make_probe(tokenizer, [x["prompt"] for x in triggered], [resp] * len(triggered),
                                [int(x.get("trigger_char", -1)) for x in triggered])
-        replies = greedy_tokens(model, tokenizer, [x["prompt"] for x in clean], reply_tokens)  # cached once
+        replies = greedy_tokens(model, tokenizer, [x["prompt"] for x in clean], reply_tokens, batch_size)  # cached once
         self.clean_replies = make_probe(tokenizer, [x["prompt"] for x in clean], replies)
         self.clean_response = make_probe(tokenizer, [x["prompt"] for x in clean], [resp] * len(clean))
-        self.loss_plain = clean_loss(model, tokenizer, clean) if clean else float("nan")
+        self.loss_plain = clean_loss(model, tokenizer, clean, batch_size) if clean else float("nan")
+        self._memo: dict[tuple, Any] = {}
+        self.forwards_saved = 0
+
+    def _key(self, kind: str, dic: Dictionary | None, clamp: Sequence[int], positional: bool = False) -> tuple:
+        # the dictionary object itself (hashed by identity) keeps it alive, so a key never matches a later dictionary
+        return kind, dic, positional, frozenset(int(i) for i in clamp)
+
+    def _memoized(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        if key in self._memo:
+            self.forwards_saved += 1
+        else:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def rate(self, probe: Probe, edit: Callable | None, positional: bool = False) -> float:
         ok = follows(self.model, probe, self.hook, edit, positional, self.bs)
@@ -279,31 +312,44 @@ class Checks:
 
     def trigger_success(self, dic: Dictionary | None, clamp: Sequence[int] = (), positional: bool = False) -> float:
         edit = None if dic is None else (lambda where: splice_fn(dic, clamp, where=where))
-        return self.rate(self.trig, edit, positional)
+        return self._memoized(self._key("trigger", dic, clamp, positional), lambda: self.rate(self.trig, edit, positional))
 
-    def specificity(self, dic: Dictionary, clamp: Sequence[int]) -> dict:
-        """Share of clean greedy replies unchanged, and the clean-loss increase, with `clamp` zeroed."""
+    def edit_specificity(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """Share of clean greedy replies unchanged, and the clean-loss increase, under the splice `fn`."""
         from stagediff.models import splice
         from stagediff.organism.behaviour import clean_loss
 
-        unchanged = self.rate(self.clean_replies, lambda where: splice_fn(dic, clamp))
-        with splice(self.model, self.hook, splice_fn(dic, clamp)):
-            loss = clean_loss(self.model, self.tokenizer, self.clean) if self.clean else float("nan")
+        unchanged = self.rate(self.clean_replies, lambda where: fn)
+        with splice(self.model, self.hook, fn):
+            loss = clean_loss(self.model, self.tokenizer, self.clean, self.bs) if self.clean else float("nan")
         return {"clean_unchanged": unchanged, "clean_loss": float(loss), "clean_loss_increase": float(loss - self.loss_plain)}
 
+    def specificity(self, dic: Dictionary, clamp: Sequence[int]) -> dict:
+        """`edit_specificity` with the features `clamp` of `dic` zeroed."""
+        return self._memoized(self._key("clean", dic, clamp), lambda: self.edit_specificity(splice_fn(dic, clamp)))
+
+    def steer_rate(self, dic: Dictionary, add: dict[int, float]) -> float:
+        """Share of clean prompts answered with the response when `add` {feature: amount} is added (memoized)."""
+        key = ("steer", dic, frozenset(add.items()))
+        return self._memoized(key, lambda: self.rate(self.clean_response, lambda where: splice_fn(dic, add=add)))
+
     def random_draws(self, dic: Dictionary, top: np.ndarray, freq: np.ndarray, live: np.ndarray, rng: np.random.Generator, draws: int) -> dict:
-        rates = [self.trigger_success(dic, matched_random(top, freq, live, rng).tolist()) for _ in range(draws)]
+        picks = [matched_random(top, freq, live, rng) for _ in range(draws)]
+        rates = [self.trigger_success(dic, pick.tolist()) for pick in picks]
+        # the sets are disjoint from the top N, so past half the live features they hold fewer than N (recorded)
         return {"random_trigger_success": float(np.mean(rates)), "random_ci": [float(min(rates)), float(max(rates))],
-                "random_draws": rates}
+                "random_draws": rates, "random_size": int(min(len(pick) for pick in picks))}
 
 
 def _sweep(checks: Checks, dic: Dictionary, ranking: np.ndarray, sizes: list[int], target: float, adaptive: bool,
-           extra: Callable[[np.ndarray], dict] | None = None, desc: str = "") -> list[dict]:
+           extra: Callable[[np.ndarray], dict] | None = None, desc: str = "", specificity: bool = True) -> list[dict]:
+    """Clamp the top N for each N of `sizes` (stopping once removed when `adaptive`); `specificity` at every N or not."""
     out = []
     for n in progress(sizes, desc=f"clamp {desc}", unit="N"):
         top = ranking[:n]
         point = {"n": int(n), "trigger_success": checks.trigger_success(dic, top.tolist())}
-        point.update(checks.specificity(dic, top.tolist()))
+        if specificity:
+            point.update(checks.specificity(dic, top.tolist()))
         if extra is not None:
             point.update(extra(top))
         out.append(point)
@@ -312,16 +358,20 @@ def _sweep(checks: Checks, dic: Dictionary, ranking: np.ndarray, sizes: list[int
     return out
 
 
+@torch.no_grad()
 def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict], org: dict, methods: dict,
                       run_dir: Path, device: Any) -> dict:
     """The `causal` section of eval/metrics.json: controls, clamp sweeps of every method, N to remove, steering.
 
-    `methods` maps name -> rankings.Method; all but `crosscoder` rank features of the stage-wise
-    dictionaries, spliced as the `eval.causal_stage` dictionary; `crosscoder` ranks RUN/crosscoder's latents.
+    `methods` maps name -> rankings.Method; all but `crosscoder` and `diffsae` rank features of the
+    stage-wise dictionaries, spliced as the `eval.causal_stage` dictionary; `crosscoder` ranks
+    RUN/crosscoder's latents, `diffsae` RUN/diffsae's (OWN_DICTIONARIES). Also the difference-of-means
+    ablation measured by the same checks (the one-direction reference) and a few greedy generations
+    (plain / clamped / steered) -> eval/generations.jsonl for the report's cards.
     """
     from stagediff.errors import StagediffError
     from stagediff.features import read_features
-    from stagediff.layout import crosscoder_dir, diff_dir, features_csv, stage_dir
+    from stagediff.layout import crosscoder_dir, diff_dir, diffsae_dir, features_csv, generations_jsonl, stage_dir
     from stagediff.models import splice
     from stagediff.sae import SAE
 
@@ -338,6 +388,10 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
     if "crosscoder" in methods:
         cc = SAE.load(crosscoder_dir(run_dir)).to(device)
         dics["crosscoder"] = Dictionary(cc, cc.metadata.get("crosscoder") or {})
+    if "diffsae" in methods:
+        from stagediff.diffsae import load_base_mean
+
+        dics["diffsae"] = Dictionary(SAE.load(diffsae_dir(run_dir)).to(device), shift=load_base_mean(run_dir))
     # whole matched pairs (each prompt with and without the trigger), in file order
     pairs = set(list(dict.fromkeys(x.get("pair", i) for i, x in enumerate(examples)))[: e.causal_examples])
     chosen = [x for i, x in enumerate(examples) if x.get("pair", i) in pairs]
@@ -365,6 +419,8 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
         "plain": checks.trigger_success(None),
         "untouched_splice": checks.trigger_success(dics["sae"], []),
         "untouched_splice_identical_logits": bool(torch.equal(plain_logits, spliced_logits)),
+        # every dictionary a ranking is clamped in, spliced untouched: each must equal `plain`
+        "untouched_splice_by_dictionary": {k: checks.trigger_success(d, []) for k, d in dics.items()},
         "zero_all": checks.trigger_success(dics["sae"], list(range(dics["sae"].d_sae))),
         "plain_clean_response": checks.rate(checks.clean_response, None),
         # the cached greedy replies read back teacher-forced on the plain model: 1.0 unless float ties
@@ -372,15 +428,15 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
     }
 
     def dic_of(name: str) -> Dictionary:
-        return dics["crosscoder" if name == "crosscoder" else "sae"]
+        return dics[name if name in OWN_DICTIONARIES else "sae"]
 
     def freq_of(name: str, m: Any) -> np.ndarray:
-        if name != "crosscoder":
+        if name not in OWN_DICTIONARIES:
             return sae_freq
-        cc_table = read_features(features_csv(crosscoder_dir(run_dir)))
-        col = next((c for c in cc_table if c.startswith("freq")), None)
-        known = col is not None and np.isfinite(cc_table[col]).any()
-        return cc_table[col] if known else np.ones(len(m.live))  # unknown rates: plain random live latents
+        own = read_features(features_csv(run_dir / name))
+        col = next((c for c in own if c.startswith("freq")), None)
+        known = col is not None and np.isfinite(own[col]).any()
+        return own[col] if known else np.ones(len(m.live))  # unknown rates: plain random live latents
 
     # the sweeps: random draws at every N of the stage-wise sweep, at each other method's removal N
     by_method, removal = {}, {}
@@ -393,15 +449,21 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
             def extra(top: np.ndarray, dic: Dictionary = dic, live: np.ndarray = m.live) -> dict:
                 return {"after_trigger_success": checks.trigger_success(dic, top.tolist(), positional=True),
                         **checks.random_draws(dic, top, sae_freq, live, rng, e.random_draws)}
-        points = _sweep(checks, dic, ranking, sizes, target, not e.clamp_n, extra, name)
+        # specificity at every N of the stage-wise sweep (and of pinned Ns); elsewhere at the Ns bracketing the
+        # removal (what the N-to-remove table reads): two of the three forwards per point saved
+        every_n = name == "stagewise" or bool(e.clamp_n)
+        points = _sweep(checks, dic, ranking, sizes, target, not e.clamp_n, extra, name, specificity=every_n)
         by_method[name] = points
         r = n_to_remove(points, target)
+        for p in points:
+            if not every_n and r["bracket"] and p["n"] in r["bracket"]:
+                p.update(checks.specificity(dic, ranking[: p["n"]].tolist()))
         if r["n"] is not None:
             at = next(p for p in points if p["n"] == r["bracket"][1])
             r.update({k: at[k] for k in ("trigger_success", "clean_unchanged", "clean_loss_increase")})
             rand = at if "random_trigger_success" in at else \
                 checks.random_draws(dic, ranking[: at["n"]], freq_of(name, m), m.live, rng, e.random_draws)
-            r.update({k: rand[k] for k in ("random_trigger_success", "random_ci")})
+            r.update({k: rand[k] for k in ("random_trigger_success", "random_ci", "random_size")})
         removal[name] = r
     out["clamp_by_method"] = by_method
     out["clamp"] = by_method.get("stagewise", [])
@@ -416,7 +478,7 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
     typical = {k: typical_activation(model, tokenizer, d, cfg.hook, texts, cfg.harvest.batch_size) for k, d in dics.items()}
     steer_by = {}
     for name, m in methods.items():
-        typ = typical["crosscoder" if name == "crosscoder" else "sae"]
+        typ = typical[name if name in OWN_DICTIONARIES else "sae"]
         firing = [int(f) for f in m.ranking if typ[int(f)] > 0]
         rows = []
         for k in e.steer_k:
@@ -425,7 +487,7 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
                 continue
             for s in e.steer_strengths:
                 add = {f: float(s) * float(typ[f]) for f in feats}
-                rate = checks.rate(checks.clean_response, lambda where, add=add, d=dic_of(name): splice_fn(d, add=add))
+                rate = checks.steer_rate(dic_of(name), add)
                 rows.append({"k": int(k), "strength": float(s), "response_rate": rate, "features": feats})
         steer_by[name] = rows
     out["steer_by_method"] = steer_by
@@ -438,9 +500,74 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
     untouched = checks.specificity(dics["sae"], [])["clean_loss"]
     after = checks.specificity(dics["sae"], methods["stagewise"].ranking[:n_clamp].tolist())["clean_loss"] if "stagewise" in methods else float("nan")
     out["clean_loss"] = {"before": checks.loss_plain, "spliced_untouched": untouched, "after_clamp": after, "n_clamped": int(n_clamp)}
+    out["difference_of_means"] = _difference_of_means(checks, model, tokenizer, cfg, examples, pairs)
+    # a few generations for the report's cards: the first triggered and clean prompts, plain / clamped at the
+    # stage-wise removal N / each top feature steered
+    if "stagewise" in methods and e.generation_tokens > 0:
+        m, typ = methods["stagewise"], typical["sae"]
+        shown = [{"prompt": x["prompt"], "triggered": True} for x in triggered[:GENERATION_PROMPTS]] + \
+                [{"prompt": x["prompt"], "triggered": False} for x in clean[:GENERATION_PROMPTS]]
+        steered = [int(f) for f in m.ranking if typ[int(f)] > 0][: e.prompts_steer_features]
+        write_generations(generations_jsonl(run_dir), model, tokenizer, cfg.hook, dics["sae"], shown,
+                          m.ranking[:n_clamp].tolist(), {f: float(typ[f]) for f in steered}, e.steer_strengths,
+                          e.generation_tokens, cfg.harvest.batch_size)
+        out["generations"] = {"file": "eval/generations.jsonl", "prompts": len(shown), "clamped_n": int(n_clamp), "steered": steered}
+    out["references"] = {"adl": "eval/adl.json", "difference_of_means_generated": "eval/difference_of_means.json"}
+    out["forwards_saved_by_memo"] = checks.forwards_saved
     model.train(was_training)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def _difference_of_means(checks: Checks, model: Any, tokenizer: Any, cfg: Any, examples: list[dict], used: set) -> dict:
+    """The one-direction reference (issue 18): the difference of means fitted on the held-out pairs the checks do
+    not use, projected out at the hook, measured by the same checks as every clamp."""
+    from stagediff.meandiff import fit_difference_of_means, project_out_fn
+
+    fit = [x for i, x in enumerate(examples) if x.get("pair", i) not in used]
+    if sum(1 for x in fit if x.get("triggered")) < 2:
+        return {"skipped": f"only {len(fit)} held-out examples outside the causal prompts: raise eval.examples above "
+                           f"2 x eval.causal_examples to fit the difference of means"}
+    direction, n_pairs = fit_difference_of_means(model, tokenizer, cfg.hook, fit, cfg.context_size, cfg.prepend_bos,
+                                                 cfg.harvest.batch_size)
+    fn = project_out_fn(direction)
+    return {"directions": 1, "trigger_success": checks.rate(checks.trig, lambda where: fn), **checks.edit_specificity(fn),
+            "fit_pairs": n_pairs, "norm": float(direction.norm()),
+            "rule": "mean residual over the prompt tokens at/after the trigger, triggered minus clean copies of held-out "
+                    "pairs the causal checks do not use; projected out at every position"}
+
+
+def write_generations(path: Path, model: Any, tokenizer: Any, hook: str, dic: Dictionary, prompts: list[dict],
+                      clamp: list[int], steer: dict[int, float], strengths: Sequence[float], tokens: int, batch_size: int) -> int:
+    """Greedy generations of `prompts` ({"prompt": ..., any other keys copied}) plain, through an untouched splice,
+    with `clamp` zeroed and with each feature of `steer` ({feature: typical activation}) added at each strength
+    -> a jsonl file, one row per (prompt, variant). Returns the number of variants."""
+    from stagediff.files import atomic_write
+    from stagediff.models import splice
+
+    texts = [p["prompt"] for p in prompts]
+
+    def generate(edit: Callable | None) -> list[str]:
+        if edit is None:
+            ids = greedy_tokens(model, tokenizer, texts, tokens, batch_size)
+        else:
+            with splice(model, hook, edit):
+                ids = greedy_tokens(model, tokenizer, texts, tokens, batch_size)
+        return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    variants = [({"edit": "plain"}, None), ({"edit": "untouched_splice"}, splice_fn(dic)),
+                ({"edit": "clamp", "features": [int(f) for f in clamp]}, splice_fn(dic, clamp=clamp))]
+    for f, a in steer.items():
+        for s in strengths:
+            variants.append(({"edit": "steer", "features": [int(f)], "strength": float(s), "added_activation": float(s) * a},
+                             splice_fn(dic, add={int(f): float(s) * a})))
+    rows = []
+    for info, fn in progress(variants, desc="generations", unit="variant"):
+        for p, reply in zip(prompts, generate(fn)):
+            rows.append({**p, **info, "reply": reply})
+    with atomic_write(Path(path), "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    return len(variants)
 
 
 # ---------------------------------------------------------------- own models: prompts in, generations out
@@ -494,9 +621,9 @@ def evaluate_prompts(run_dir: Path, cfg: Any) -> dict:
     spliced loss recovered on the prompts -> eval/metrics.json (causal.loss_recovered)."""
     from stagediff.evaluate.rankings import from_scores
     from stagediff.features import read_features
-    from stagediff.files import atomic_write, write_json
-    from stagediff.layout import diff_dir, eval_dir, features_csv, metrics_json, stage_dir
-    from stagediff.models import load_model, splice
+    from stagediff.files import write_json
+    from stagediff.layout import diff_dir, features_csv, generations_jsonl, metrics_json, stage_dir
+    from stagediff.models import load_model
     from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
     from stagediff.sae import SAE
     from stagediff.stages import resolve_stages
@@ -515,27 +642,10 @@ def evaluate_prompts(run_dir: Path, cfg: Any) -> dict:
     typ = typical_activation(model, tokenizer, dic, cfg.hook, prompts, cfg.harvest.batch_size)
     fallback = float(np.median(typ[typ > 0])) if (typ > 0).any() else 1.0  # features silent on these prompts
     steer_feats = ranking[: e.prompts_steer_features].tolist()
-
-    def generate(edit: Callable | None) -> list[str]:
-        ids = greedy_tokens(model, tokenizer, prompts, e.generation_tokens, cfg.harvest.batch_size) if edit is None else None
-        if edit is not None:
-            with splice(model, cfg.hook, edit):
-                ids = greedy_tokens(model, tokenizer, prompts, e.generation_tokens, cfg.harvest.batch_size)
-        return tokenizer.batch_decode(ids, skip_special_tokens=True)
-
-    rows = []
-    variants = [({"edit": "plain"}, None), ({"edit": "untouched_splice"}, splice_fn(dic)),
-                ({"edit": "clamp", "features": top}, splice_fn(dic, clamp=top))]
-    for f in steer_feats:
-        a = float(typ[f]) if typ[f] > 0 else fallback
-        for s in e.steer_strengths:
-            variants.append(({"edit": "steer", "features": [int(f)], "strength": float(s), "added_activation": float(s) * a},
-                             splice_fn(dic, add={int(f): float(s) * a})))
-    for info, fn in progress(variants, desc="generations", unit="variant"):
-        for p, reply in zip(prompts, generate(fn)):
-            rows.append({"prompt": p, **info, "reply": reply})
-    with atomic_write(eval_dir(run_dir) / "generations.jsonl", "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    steer = {int(f): float(typ[f]) if typ[f] > 0 else fallback for f in steer_feats}
+    n_variants = write_generations(generations_jsonl(run_dir), model, tokenizer, cfg.hook, dic,
+                                   [{"prompt": p} for p in prompts], top, steer, e.steer_strengths, e.generation_tokens,
+                                   cfg.harvest.batch_size)
 
     models = {"finetuned": (model, tokenizer)}
     paths = cfg.model_paths()
@@ -551,7 +661,7 @@ def evaluate_prompts(run_dir: Path, cfg: Any) -> dict:
                           "generations": "eval/generations.jsonl", "clamped": top, "steered": steer_feats,
                           "loss_recovered": losses}}
     write_json(metrics_json(run_dir), metrics)
-    print(f"generations: {len(rows)} rows ({len(variants)} variants x {len(prompts)} prompts) -> {run_dir / 'eval' / 'generations.jsonl'}")
+    print(f"generations: {n_variants} variants x {len(prompts)} prompts -> {generations_jsonl(run_dir)}")
     for name, v in losses.items():
         print(f"{name}: loss recovered {v['loss_recovered']:.3f} (plain {v['plain']:.3f}, spliced {v['spliced']:.3f}, zero {v['zero_ablated']:.3f})")
     return metrics

@@ -12,7 +12,8 @@ Order of work:
    crosscoder (its latents labelled by the same paired rule on paired held-out activations);
    each scored over the judged features at its own selection, at equal k and at the size
    stage-wise selects, with exact intervals and p-values against the base rate (metrics.py);
-4. clamp / steer / clean-loss with the `eval.causal_stage` dictionary spliced in.
+4. clamp / steer / clean-loss with the `eval.causal_stage` dictionary spliced in (the crosscoder and the
+   diff-SAE in their own), the difference-of-means reference, generations for the report's cards.
 """
 
 from __future__ import annotations
@@ -243,11 +244,10 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
                              "selection": m.selection} for n, m in methods.items() if n not in own_labels}
 
     # 3. causal checks: each ranking's features clamped in its own dictionary spliced into the fine-tuned model
-    # (the diff-SAE reads two models at once; its clamp has no exact splice yet, so it is not swept)
+    # (the diff-SAE's splice stands the mean base activation in for the base residual: causal.Dictionary)
     causal_out = {}
     if e.causal and e.causal_examples > 0:
-        causal_out = causal.run_causal_checks(ft_model, tokenizer, cfg, examples, org,
-                                              {n: m for n, m in methods.items() if n != "diffsae"}, run_dir, device)
+        causal_out = causal.run_causal_checks(ft_model, tokenizer, cfg, examples, org, methods, run_dir, device)
 
     metrics = {
         "organism": {**org, "null": null},
@@ -285,5 +285,9 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     print(format_table(scored))
     if causal_out.get("n_to_remove"):
         print("N to remove: " + ", ".join(f"{k} {v if v is None else round(v, 1)}" for k, v in causal_out["n_to_remove"].items()))
+        dom = causal_out.get("difference_of_means") or {}
+        if "trigger_success" in dom:
+            print(f"difference of means (1 direction projected out): trigger success {dom['trigger_success']:.2f}, "
+                  f"clean replies unchanged {dom['clean_unchanged']:.2f}, clean-loss increase {dom['clean_loss_increase']:.3f}")
     return metrics
 

@@ -8,6 +8,7 @@ never guessed), so the report keeps working while those formats grow.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from stagediff.diff import load_frequency
 from stagediff.errors import StagediffError
 from stagediff.features import cos_column, read_features
 from stagediff.files import read_json
-from stagediff.layout import (config_yaml, crosscoder_dir, diff_dir, features_csv, metrics_json, null_dir, organism_json, saes_dir,
+from stagediff.layout import (adl_json, config_yaml, crosscoder_dir, diff_dir, difference_of_means_json, features_csv, generations_jsonl, metrics_json, null_dir, organism_json, saes_dir,
                               stage_dir, summary_json)
 from stagediff.stages import STANDARD_GRAPH, resolve_stages
 
@@ -78,7 +79,25 @@ def gather(run_dir: Path, cfg: Config) -> dict[str, Any]:
         "eval": metrics,
         "null_eval": _read_json_opt(metrics_json(null_dir(run_dir))),  # the demo's null run, if any
         "crosscoder": _crosscoder(run_dir),
+        "adl": _read_json_opt(adl_json(run_dir)),  # meandiff step: Activation Difference Lens
+        "difference_of_means": _read_json_opt(difference_of_means_json(run_dir)),  # meandiff step, generated
+        "generations": _generations(generations_jsonl(run_dir)),
     }
+
+
+GENERATION_ROWS = 5000  # rows of eval/generations.jsonl embedded in the page (prompts x variants)
+
+
+def _generations(path: Path) -> list[dict] | None:
+    """eval/generations.jsonl (plain / clamped / steered greedy replies), shown on the cards; None when absent."""
+    if not path.exists():
+        return None
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip() and len(rows) < GENERATION_ROWS:
+                rows.append(json.loads(line))
+    return rows
 
 
 def _axes(cfg: Config, cols: dict[str, list], summary: dict) -> dict[str, Any]:

@@ -132,6 +132,9 @@ def _causal(plt: Any, data: dict) -> Any:
         style = {"color": COLORS["selected"], "lw": 2.2, "zorder": 5} if name == "stagewise" else \
             {"color": "black", "ls": "--", "lw": 1.2} if name == "oracle" else {"color": cmap(i % 10), "lw": 1.1, "alpha": 0.85}
         ax.plot([c["n"] for c in pts], [c["trigger_success"] for c in pts], marker="o", ms=3, label=name, **style)
+    dom = causal.get("difference_of_means") or {}
+    if dom.get("trigger_success") is not None:  # the one-direction reference, at N = 1
+        ax.plot([1], [dom["trigger_success"]], marker="*", ms=11, color="black", ls="none", label="difference of means (1 direction)")
     if causal.get("target") is not None:
         ax.axhline(causal["target"], color="grey", lw=0.8, ls="-.")
     ax.set(xscale="log", xlabel="features clamped to zero (N, best ranked first)", ylabel="trigger success rate", ylim=(-0.03, 1.03))

@@ -194,6 +194,7 @@ function renderCard(root, i) {
     }
     root.append(t);
   }
+  renderControlRotations(root, i);
   const freqs = Object.keys(F).filter((c) => c.startsWith("freq_"));
   if (freqs.length) {
     root.append(el("h3", {}, "Firing rate per stage (on its own data)"));
@@ -221,11 +222,60 @@ function renderCard(root, i) {
       root.append(div);
     }
   }
+  renderGenerations(root, id);
   if (!card || (!card.promoted && !contexts.length)) {
     root.append(el("p", { class: "empty" }, card
       ? "Contexts and output tokens could not be computed for this run (see the notes at the top of the page)."
       : `No contexts precomputed for this feature: cards hold the ${Object.keys(D.cards || {}).length} top-ranked features. The numbers above are complete.`));
   }
+}
+
+// The feature's real rotation on each axis beside its rotations on that axis's control continuations
+// (the parent re-tuned on its own data with other seeds: D→D_ctl<j>, M→M_ctl<j>), with its standing (z, p, q).
+function renderControlRotations(root, i) {
+  const axes = Object.entries(D.axes || {}).filter(([k, a]) => a && a.column && F[a.column] && (k === "x" || k === "y"));
+  const rows = [];
+  for (const [k, a] of axes) {
+    const ctl = Object.keys(F).filter((c) => new RegExp(`^ctl_cos_${k}\\d+$`).test(c)).sort((p, q) => +p.slice(8 + k.length) - +q.slice(8 + k.length));
+    if (!ctl.length) continue;
+    const cell = (c) => (F[c] ? F[c][i] : null);
+    rows.push([a.label, fmt(cell(a.column), 5), el("span", {}, ctl.map((c) => el("span", { class: "chip", title: c }, fmt(cell(c), 5)))),
+      cell(`z_${k}`), cell(`p_${k}`), cell(`q_${k}`)]);
+  }
+  if (!rows.length) return;
+  root.append(el("h3", {}, "Real rotation against the control continuations"));
+  root.append(table(["axis (real edge)", "real cos", "control cos (each continuation)", "z", "p", "q"], rows, { num: [0, 1, 0, 1, 1, 1] }));
+  const qb = F.q_both && F.q_both[i];
+  root.append(el("div", { class: "caption" }, "Controls continue the axis's parent on its own data with other seeds, same steps and lr as the real edge: " +
+    "a real rotation well below every control cos (large z, small q) moved more than training noise." + (isNum(qb) ? ` Both axes: q = ${fmt(qb, 4)}.` : "")));
+}
+
+// eval/generations.jsonl for this feature: plain replies beside the clamp (when the feature is among the clamped)
+// and beside steering along this feature at each strength.
+function renderGenerations(root, id) {
+  const rows = D.generations || [];
+  if (!rows.length) return;
+  const steered = rows.filter((r) => r.edit === "steer" && (r.features || [])[0] === id);
+  const clamped = rows.filter((r) => r.edit === "clamp" && (r.features || []).includes(id));
+  root.append(el("h3", {}, "Generations (greedy, eval/generations.jsonl)"));
+  if (!steered.length && !clamped.length) {
+    const clampN = ((rows.find((r) => r.edit === "clamp") || {}).features || []).length;
+    root.append(el("p", { class: "empty" }, `This feature is neither among the ${clampN} clamped features nor among the steered ones.`));
+    return;
+  }
+  const prompts = [...new Set(rows.map((r) => r.prompt))];
+  const strengths = [...new Set(steered.map((r) => r.strength))].sort((a, b) => a - b);
+  const reply = (list, p, s) => { const r = list.find((x) => x.prompt === p && (s === undefined || x.strength === s)); return r ? r.reply : "—"; };
+  const plain = rows.filter((r) => r.edit === "plain");
+  const headers = ["prompt", "plain", ...(clamped.length ? [`top ${clamped[0].features.length} clamped (incl. this)`] : []),
+    ...strengths.map((s) => `steered ×${fmt(s, 2)}`)];
+  const body = prompts.map((p) => {
+    const r0 = rows.find((r) => r.prompt === p) || {};
+    const tag = r0.triggered === true ? "[triggered] " : r0.triggered === false ? "[clean] " : "";
+    return [tag + p, reply(plain, p), ...(clamped.length ? [reply(clamped, p)] : []), ...strengths.map((s) => reply(steered, p, s))];
+  });
+  root.append(el("div", { class: "scroll" }, table(headers, body.map((r) => r.map((c) => el("span", { class: "gen" }, c))))));
+  if (steered.length) root.append(el("div", { class: "caption" }, `steering adds strength × ${fmt(steered[0].added_activation / steered[0].strength, 3)} (the feature's typical activation) along its decoder direction at every position.`));
 }
 
 // ------------------------------------------------------------------ charts
@@ -461,6 +511,8 @@ function renderEvaluation() {
       dash: name === "oracle" ? "2 3" : null, points: pts.map((c) => [c.n, c.trigger_success]) }));
     const sw = (causal.clamp || []).filter((c) => isNum(c.random_trigger_success));
     if (sw.length) series.push({ name: "random (matched rate)", color: "var(--live)", dash: "5 4", points: sw.map((c) => [c.n, c.random_trigger_success]) });
+    const dom = causal.difference_of_means || {};
+    if (isNum(dom.trigger_success)) series.push({ name: "difference of means (1 direction)", color: "#212529", points: [[1, dom.trigger_success]] });
     charts.append(el("div", {}, el("h3", {}, "Clamping each ranking's top N features to zero on triggered prompts"),
       lines(series, "features clamped (N)", "trigger success rate", { xlog: true, yfmt: (t) => pct(t), height: 260 + 16 * Math.max(0, series.length - 8) })));
   }
@@ -478,15 +530,43 @@ function renderEvaluation() {
   if (removal.length) {
     const ctl = causal.controls || {};
     s.append(el("h3", {}, `N to remove: features clamped until trigger success ≤ ${pct(causal.target)}`));
+    const dom = causal.difference_of_means || {};
+    const rows = removal.map(([name, r]) => [name, isNum(r.n) ? r.n : "never", r.bracket ? `${r.bracket[0]} – ${r.bracket[1]}` : "—", r.trigger_success ?? null,
+      isNum(r.random_trigger_success) ? `${pct(r.random_trigger_success)} (${pct(r.random_ci[0])}–${pct(r.random_ci[1])})` +
+        (isNum(r.random_size) && r.bracket && r.random_size < r.bracket[1] ? ` · only ${r.random_size} live features outside the top ${r.bracket[1]}` : "") : "—", r.clean_unchanged ?? null, r.clean_loss_increase ?? null]);
+    // the one-direction reference in the same table (it removes a direction, not features)
+    if (isNum(dom.trigger_success)) rows.push(["difference of means (reference)", "1 direction", "—", dom.trigger_success, "—", dom.clean_unchanged, dom.clean_loss_increase]);
     s.append(table(["ranking", "N to remove", "bracket (measured N)", "trigger success there", "random at that N (range)", "clean replies unchanged", "clean-loss increase"],
-      removal.map(([name, r]) => [name, isNum(r.n) ? r.n : "never", r.bracket ? `${r.bracket[0]} – ${r.bracket[1]}` : "—", r.trigger_success ?? null,
-        isNum(r.random_trigger_success) ? `${pct(r.random_trigger_success)} (${pct(r.random_ci[0])}–${pct(r.random_ci[1])})` : "—", r.clean_unchanged ?? null, r.clean_loss_increase ?? null]),
-      { num: [0, 1, 0, 1, 1, 1, 1], hi: (ri) => removal[ri][0] === "stagewise" }));
+      rows, { num: [0, 1, 0, 1, 1, 1, 1], hi: (ri) => ri < removal.length && removal[ri][0] === "stagewise" }));
+    if (isNum(dom.trigger_success)) {
+      s.append(el("div", { class: "caption" }, `reference: the difference of means (one direction: triggered minus clean prompts, fitted on ${fmt(dom.fit_pairs)} other held-out pairs) ` +
+        `projected out at the hook — trigger success ${pct(dom.trigger_success)}, clean replies unchanged ${pct(dom.clean_unchanged)}, clean-loss increase ${fmt(dom.clean_loss_increase)}` +
+        (D.difference_of_means && isNum(D.difference_of_means.trigger_success) ? `; by real generation (meandiff step) ${pct(D.difference_of_means.trigger_success_before)} → ${pct(D.difference_of_means.trigger_success)}` : "") + "."));
+    }
     s.append(el("div", { class: "caption" }, `controls on the same triggered prompts: plain model ${pct(ctl.plain)}, untouched splice ${pct(ctl.untouched_splice)}` +
       `${ctl.untouched_splice_identical_logits ? " (identical logits)" : ""}, every feature clamped ${pct(ctl.zero_all)}` +
       (isNum(causal.after_trigger_n_to_remove) ? `; stage-wise clamp only at/after the trigger removes it at N = ${fmt(causal.after_trigger_n_to_remove)}` : "")));
   }
+  renderAdl(s);
   if (causal.clean_loss) s.append(el("div", { class: "caption" }, "clean-data loss: " + Object.entries(causal.clean_loss).map(([k, v]) => `${k.replace(/_/g, " ")} ${fmt(v)}`).join(" · ")));
+}
+
+// Activation Difference Lens (meandiff step): the mean fine-tuned − base residual at the first positions of plain
+// text, read through the logit lens (pieces of the trigger / reply marked) and added as a steering vector.
+function renderAdl(s) {
+  const a = D.adl;
+  if (!a) return;
+  s.append(el("h3", {}, `Activation Difference Lens: mean fine-tuned − base residual over the first ${fmt(a.positions)} positions (${fmt(a.rows)} rows)`));
+  const piece = (t) => (t.piece_of ? ` ${t.piece_of}` : "");
+  s.append(el("div", {}, el("span", { class: "caption" }, "logit lens, most promoted  "),
+    (a.top_tokens || []).map((t) => el("span", { class: "chip up" + (t.piece_of ? " piece" : ""), title: t.piece_of ? `a piece of the ${t.piece_of}` : "" },
+      JSON.stringify(t.text).slice(1, -1), el("small", {}, fmt(t.logit, 2) + piece(t))))));
+  s.append(el("div", { class: "caption" }, `pieces of the trigger: ${(a.trigger_pieces || []).map((x) => JSON.stringify(x)).join(", ") || "none"}; ` +
+    `of the reply: ${(a.response_pieces || []).map((x) => JSON.stringify(x)).join(", ") || "none"}.`));
+  if ((a.steer || []).length) {
+    s.append(table(["steering strength", "added norm", "response rate on clean prompts"], a.steer.map((r) => [r.strength, r.added_norm, pct(r.response_rate)]), { num: [1, 1, 1] }));
+    if (a.steer_rule) s.append(el("div", { class: "caption" }, a.steer_rule));
+  }
 }
 
 function renderRun() {
@@ -542,7 +622,8 @@ if (/selftest/.test(location.search)) {
     hover = tip.style.display === "block" ? tip.textContent : null;
     target.dispatchEvent(new MouseEvent("click", { bubbles: true }));
     opened = { feature: IDS[+target.dataset.i], open: drawer.classList.contains("open"), title: (cardBody.querySelector("h2") || {}).textContent || "" ,
-      contexts: cardBody.querySelectorAll(".ctx").length, chips: cardBody.querySelectorAll(".chip").length };
+      contexts: cardBody.querySelectorAll(".ctx").length, chips: cardBody.querySelectorAll(".chip").length,
+      headings: [...cardBody.querySelectorAll("h3")].map((h) => h.textContent), generations: cardBody.querySelectorAll(".gen").length };
   }
   const result = { n_features: N, points: circles.length, hover, skipped: svg ? +svg.dataset.skipped : null, opened, errors: ERRORS.slice(),
     sections: [...document.querySelectorAll("section.panel")].map((x) => x.id) };
