@@ -71,10 +71,10 @@ def train_job(args: argparse.Namespace) -> dict:
     from stagediff.config import SAEConfig
     from stagediff.train import train_sae
 
-    cfg = SAEConfig(architecture="batchtopk", d_sae=1024, k=16, batch_size=1024, warmup_steps=5)
+    cfg = SAEConfig(architecture="batchtopk", d_sae=1024, k=16, batch_size=1024, warmup_steps=5, lr=3e-4)
     with tempfile.TemporaryDirectory(prefix="bench-contention-") as out:
         t0 = time.perf_counter()
-        train_sae(ActivationStore(args.store), cfg, tokens=args.steps * cfg.batch_size, lr=3e-4, out_dir=out, stage="S")
+        train_sae(ActivationStore(args.store), cfg, tokens=args.steps * cfg.batch_size, out_dir=out, stage="S")
         wall = time.perf_counter() - t0
         stats = json.loads((Path(out) / "stats.json").read_text())
     return {"rate": stats["tokens_per_second"] / cfg.batch_size, "unit": "steps/s", "wall": wall}

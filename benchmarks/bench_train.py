@@ -91,7 +91,7 @@ def stagediff_job(args: argparse.Namespace) -> dict:
                     warmup_steps=args.warmup_steps, decay_fraction=args.decay_fraction)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
         wall, cpu = time.perf_counter(), time.process_time()
-        train_sae(ActivationStore(args.store), cfg, tokens=args.tokens, lr=args.lr, out_dir=out, stage="S")
+        train_sae(ActivationStore(args.store), cfg, tokens=args.tokens, out_dir=out, stage="S")
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         loop = json.loads((Path(out) / "stats.json").read_text())["tokens_per_second"]
     return {"wall": wall, "cpu": cpu, "loop_seconds": args.tokens / loop}

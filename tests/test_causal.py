@@ -289,7 +289,7 @@ def test_diffsae_clamp_difference_of_means_and_generations(planted, tiny_llama_d
     """The diff-SAE in the sweep: its latent reading the planted difference (trigger embedding minus the base model's
     mean) removes the behaviour at N = 1 and its other latents never do; the difference of means fitted on pairs the
     checks do not use removes it with one direction; the cards' generations are written, plain vs clamped vs steered."""
-    from stagediff.diff import write_csv
+    from stagediff.features import write_features as write_csv
     from stagediff.evaluate.causal import Dictionary
     from stagediff.files import save_tensors
 

@@ -227,8 +227,8 @@ def test_root_stage_reads_its_data_once_and_starts_b_dec_at_step_0s_mean(tmp_pat
             return super().batches(batch_size, seed=seed, start_step=start_step, device=device)
 
     store = Counting(planted(directions(), n=4000))
-    cfg = dataclasses.replace(CFG, checkpoint_every=1000)
-    train_sae(store, cfg, tokens=256 * 3, lr=1e-3, out_dir=tmp_path / "S", stage="S")
+    cfg = dataclasses.replace(CFG, checkpoint_every=1000, lr=1e-3)
+    train_sae(store, cfg, tokens=256 * 3, out_dir=tmp_path / "S", stage="S")
     assert opened == [0]
     init = initial_sae(TensorStore(store.x), cfg)  # reads step 0's batch on its own
     first = next(TensorStore(store.x).batches(cfg.batch_size, seed=0))
