@@ -161,22 +161,12 @@ def write_random_store(path: Path, rows: int, d_in: int) -> None:
     write_store(path, torch.randn(rows, d_in, generator=g) + offset)
 
 
-def write_store(path: Path, rows: torch.Tensor, shard_rows: int = 32768) -> None:
-    """stagediff.activations.write_store when this tree has it, else the same layout written here."""
+def write_store(path: Path, rows: torch.Tensor) -> None:
+    """The rows as a stagediff activation store (harvest's own layout), which both trainers read."""
     sys.path.insert(0, str(ROOT))
-    from stagediff import activations
-    from stagediff.files import save_tensors, sha256_file, write_json
+    from stagediff.activations import write_store as write
 
-    if hasattr(activations, "write_store"):
-        return activations.write_store(path, rows)
-    shards = []  # TODO(lead): drop this branch once activations.write_store (issue 17) is merged
-    for i, lo in enumerate(range(0, len(rows), shard_rows)):
-        part = rows[lo:lo + shard_rows].contiguous()
-        save_tensors(path / activations.shard_name(i), {"acts": part, "window": torch.arange(lo, lo + len(part)),
-                                                        "position": torch.zeros(len(part), dtype=torch.int32)})
-        shards.append({"file": activations.shard_name(i), "rows": len(part), "sha256": sha256_file(path / activations.shard_name(i))})
-    write_json(path / activations.MANIFEST, {"format": activations.FORMAT, "d_in": rows.shape[1], "num_rows": len(rows),
-                                             "dtype": "float32", "shards": shards, "complete": True})
+    write(path, rows, shard_rows=32768)
 
 
 def whole_jobs(args: argparse.Namespace) -> None:

@@ -327,10 +327,7 @@ def test_activation_difference_baseline_ranks_the_planted_rise_first(tmp_path):
     rows plus 2 along feature 5's direction everywhere, plus 5 along feature 3's on every tenth row, minus
     2 along feature 7's; past `eval.activation_rows` a huge rise of feature 0 that must not be read.
     Features read one coordinate each (relu(x_j)), so the mean rise per feature is known in closed form."""
-    try:
-        from stagediff.activations import write_store
-    except ImportError:  # TODO(lead): drop once activations.write_store (issue 17) is merged
-        from test_crosscoder import _write_store as write_store
+    from stagediff.activations import write_store
     from stagediff.config import load_config
     from stagediff.evaluate.rankings import from_scores
     from stagediff.evaluate.run import _activation_diff
