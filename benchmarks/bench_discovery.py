@@ -189,7 +189,8 @@ def bench(preset: str, seeds: list[int], out: Path, overrides: list[str], null: 
     return result
 
 
-SWEEP_METHODS = ("stagewise", "stagewise_sum", "stagewise_product", "stagewise_enc", "stagewise_dec", "d_to_f", "m_to_f",
+SWEEP_METHODS = ("stagewise", "stagewise_sum", "stagewise_product", "stagewise_enc", "stagewise_dec", "stagewise_percentile",
+                 "stagewise_noise", "d_to_f", "m_to_f", "s_to_f",
                  "crosscoder", "diffsae")
 
 
@@ -230,6 +231,8 @@ def main() -> None:
     p.add_argument("--setting", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                    help="sweep mode: a named override set (repeat it); each runs into <out>/<NAME>/ on top of the overrides")
     p.add_argument("--reuse-from", type=Path, help="an earlier bench's --out: its run dirs seed each new one (organisms, stores)")
+    p.add_argument("--table-only", action="store_true",
+                   help="sweep mode: print the comparison from the settings' saved <out>/<NAME>/discovery.json, run nothing")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args()
     from transformers.utils import logging as hf_logging
@@ -241,6 +244,9 @@ def main() -> None:
         return
     results = {}
     for name, *overrides in args.setting:
+        if args.table_only:
+            results[name] = json.loads((out / name / "discovery.json").read_text())
+            continue
         results[name] = bench(args.preset, args.seeds, out / name, [*args.overrides, *overrides], not args.no_null,
                               args.causal, args.reuse_from)
     print(f"\nsweep over seeds {args.seeds} (mean ± sd over seeds; prec = own selection's precision; "

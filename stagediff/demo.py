@@ -94,10 +94,14 @@ def print_summary(run_dir: Path) -> None:
             rows = [r for r in csv.DictReader(f) if r.get("rank")]
         rows.sort(key=lambda r: int(float(r["rank"])))
         tokens = _top_tokens(run_dir)
+        # the cosines the run ranked by (diff.vector: encoder or decoder), as summary.json names them
+        axes = json.loads(summary.read_text()).get("selection", {}).get("axes", {}) if summary.exists() else {}
+        columns = [(f"{a['column'][:3]} cos({a['edge'][0]},{a['edge'][1]})", a["column"]) for a in axes.values()] or \
+            [("dec cos(D,F)", "dec_cos_D_FD"), ("dec cos(M,F)", "dec_cos_M_FM")]
         for r in rows[:10]:
             fid = int(r["feature"])
-            lines.append(f"    #{r['rank']:>3} feature {fid:>5}  cos(D,F)={float(r.get('dec_cos_D_FD', 'nan')):.3f} "
-                         f"cos(M,F)={float(r.get('dec_cos_M_FM', 'nan')):.3f}  {tokens.get(fid, '')}")
+            cosines = " ".join(f"{name}={float(r.get(col) or 'nan'):.3f}" for name, col in columns)
+            lines.append(f"    #{r['rank']:>3} feature {fid:>5}  {cosines}  {tokens.get(fid, '')}")
     for name, path in (("eval", run_dir / "eval" / "metrics.json"), ("null", run_dir / "null" / "eval" / "metrics.json")):
         if path.exists():
             lines.append(f"  {name:<9} {_headline(json.loads(path.read_text()))}: {path}")
