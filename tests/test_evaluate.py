@@ -272,7 +272,7 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
     # a hand-made diff: feature 1 (" I", relevant) first, then 3 (" the"), then 0 ("|", relevant); 5..7 dead
     score = np.array([0.5, 3.0, 0.2, 2.0, 0.1, np.nan, np.nan, np.nan])
     cos = np.array([0.8, 0.5, 0.95, 0.6, 0.97, 1.0, 1.0, 1.0])
-    cols = {"feature": np.arange(n), "dec_cos_D_FD": cos, "dec_cos_M_FM": cos, "dec_cos_S_FD": cos, "dec_cos_S_FM": cos,
+    cols = {"feature": np.arange(n), **{f"{kind}_cos_{e}": cos for kind in ("dec", "enc") for e in ("D_FD", "M_FM", "S_FD", "S_FM")},
             "dead": np.isnan(score), "selected": np.isin(np.arange(n), [1, 3]), "score": score,
             "rank": np.array([3, 1, 4, 2, 5, 0, 0, 0])}
     write_csv(tmp_path / "diff" / "features.csv", cols)
