@@ -197,7 +197,7 @@ SWEEP_METHODS = ("stagewise", "stagewise_sum", "stagewise_product", "stagewise_e
 def sweep_table(results: dict[str, dict]) -> str:
     """One row per setting x method: AP, P@10, own selection size and precision, enrichment, null selections,
     train seconds per seed (S / fine-tunes / controls); mean ± sd over seeds."""
-    head = (f"{'setting':<14}{'method':<19}{'AP':>12}{'P@10':>12}{'sel':>10}{'prec':>12}{'enrich':>12}{'null sel':>10}"
+    head = (f"{'setting':<17}{'method':<21}{'AP':>12}{'P@10':>12}{'sel':>10}{'prec':>12}{'enrich':>12}{'null sel':>10}"
             f"{'train s (S/ft/ctl)':>22}")
     lines = [head]
     for setting, r in results.items():
@@ -216,7 +216,7 @@ def sweep_table(results: dict[str, dict]) -> str:
             sel_txt = "-" if not any(v is not None for v in sel) else f"{np.mean([v or 0 for v in sel]):.1f}±{np.std([v or 0 for v in sel], ddof=1) if len(sel) > 1 else 0:.1f}"
             nsel = ((r.get("null") or {}).get(name) or {}).get("selected", {}).get("values")
             null_txt = "-" if not nsel else f"{np.mean([v or 0 for v in nsel]):.1f}"
-            lines.append(f"{setting:<14}{name:<19}{_cell(m['ap']):>12}{_cell(m['at_k.10']):>12}{sel_txt:>10}{_cell(prec):>12}"
+            lines.append(f"{setting:<17}{name:<21}{_cell(m['ap']):>12}{_cell(m['at_k.10']):>12}{sel_txt:>10}{_cell(prec):>12}"
                          f"{_cell(m['enrichment'], 1):>12}{null_txt:>10}{train if name == 'stagewise' else '':>22}")
     return "\n".join(lines)
 
@@ -252,6 +252,7 @@ def main() -> None:
     print(f"\nsweep over seeds {args.seeds} (mean ± sd over seeds; prec = own selection's precision; "
           "null sel = stage-wise selections on the null run)")
     for name, *overrides in args.setting:
+        overrides = results[name].get("overrides") or overrides  # --table-only: as the setting ran
         print(f"  {name}: {' '.join(overrides) or '(preset defaults)'}")
     print(sweep_table(results))
 
