@@ -12,6 +12,14 @@ stage-wise selects). A sound method is far above 1x on the real runs and at 1x o
 Run directories are kept (runs/bench-discovery/seed<N>[/null]), so a rerun with other dictionary or
 diff settings reuses the organisms and activations and redoes only what the settings change.
 Writes <out>/discovery.json (mean, sd and per-seed lists of every figure) and prints the table.
+
+Sweep mode: several named override sets over the same seeds, each in <out>/<name>/, then one
+comparison table (setting x method: AP, P@10, own selection, enrichment, null selections, train time).
+`--reuse-from` copies an earlier bench's run directories (activation stores hard-linked, the rest
+copied) into each new one, so organisms and harvests are not rebuilt:
+
+    python benchmarks/bench_discovery.py --reuse-from runs/bench-discovery --out runs/sweep \
+        --setting default --setting steps1000 sae.batch_size=256 stages.D.steps=1000 ...
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stagediff.demo import demo_config  # noqa: E402
 from stagediff.files import write_json  # noqa: E402
 from stagediff.pipeline import STEPS, run_steps  # noqa: E402
+from stagediff.stages import is_control  # noqa: E402
 
 FIGURES = ("at_k.10", "at_k.25", "at_k.50", "at_k.stagewise_k", "enrichment", "ap", "ap_ratio")
 
@@ -42,6 +53,27 @@ def _get(m: dict, key: str) -> float:
     return float("nan") if m is None else float(m)
 
 
+def reuse_run(src: Path, dst: Path) -> None:
+    """Copy a finished run directory (and its null/) to `dst` for another setting: activation stores are
+    hard-linked (read only, and every write is atomic, i.e. a new file), everything else is copied."""
+    if dst.exists() or not src.exists():
+        return
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("activations", "null"))
+    if (src / "activations").exists():
+        shutil.copytree(src / "activations", dst / "activations", copy_function=os.link)
+    reuse_run(src / "null", dst / "null")
+
+
+def train_seconds(run_dir: Path) -> dict[str, float]:
+    """Wall seconds of the run's dictionaries from their stats.json: S, the fine-tunes, the controls."""
+    out = {"S": 0.0, "finetunes": 0.0, "controls": 0.0}
+    for stats in sorted((run_dir / "saes").glob("*/stats.json")):
+        name = stats.parent.name
+        key = "S" if name == "S" else ("controls" if is_control(name) else "finetunes")
+        out[key] += float(json.loads(stats.read_text()).get("wall_seconds") or 0.0)
+    return {k: round(v, 1) for k, v in out.items()}
+
+
 def run_seed(preset: str, seed: int, out: Path, overrides: list[str], null: bool, causal: bool) -> dict:
     extra = [f"seed={seed}", *([] if causal else ["eval.causal=false"]), *overrides]
     runs = {"real": (out / f"seed{seed}", extra)}
@@ -52,7 +84,7 @@ def run_seed(preset: str, seed: int, out: Path, overrides: list[str], null: bool
         t = time.time()
         run_steps(demo_config(preset, ov), run_dir, STEPS[:-1])  # no report: the figures are in metrics.json
         metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-        result[kind] = {"metrics": metrics, "seconds": round(time.time() - t, 1)}
+        result[kind] = {"metrics": metrics, "seconds": round(time.time() - t, 1), "train_seconds": train_seconds(run_dir)}
     return result
 
 
@@ -115,38 +147,32 @@ def table(agg: dict, wins_ap: dict | None = None, wins_k: dict | None = None) ->
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--out", default="runs/bench-discovery")
-    p.add_argument("--no-null", action="store_true", help="skip the null runs")
-    p.add_argument("--causal", action="store_true", help="also run the causal checks (slower; off: eval.causal=false)")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-    args = p.parse_args()
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # as the CLI does: our own bars say what is happening
-    out = Path(args.out)
+def bench(preset: str, seeds: list[int], out: Path, overrides: list[str], null: bool, causal: bool,
+          reuse_from: Path | None = None) -> dict:
+    """Every seed (and its null) of one setting; writes and returns <out>/discovery.json's content, prints its table."""
     t0 = time.time()
     per_seed = {}
-    for s in args.seeds:
-        print(f"\n=== seed {s} ===", flush=True)
-        per_seed[s] = run_seed(args.preset, s, out, args.overrides, not args.no_null, args.causal)
+    for s in seeds:
+        print(f"\n=== {out} seed {s} ===", flush=True)
+        if reuse_from is not None:
+            reuse_run(reuse_from / f"seed{s}", out / f"seed{s}")
+        per_seed[s] = run_seed(preset, s, out, overrides, null, causal)
     real = aggregate(per_seed, "real")
     wins_ap, wins_k = beats(per_seed, "ap"), beats(per_seed, "at_k.stagewise_k")
-    null = aggregate(per_seed, "null") if not args.no_null else None
+    null_agg = aggregate(per_seed, "null") if null else None
     organisms = {s: {k: per_seed[s]["real"]["metrics"]["organism"].get(k) for k in ("trigger_success", "false_trigger")} for s in per_seed}
     labels = {s: {kind: {k: r["metrics"]["labels"].get(k) for k in ("relevant", "judged_features", "null_false_positive_rate")}
                   for kind, r in per_seed[s].items()} for s in per_seed}
-    write_json(out / "discovery.json", {
-        "preset": args.preset, "seeds": args.seeds, "overrides": args.overrides, "real": real, "null": null,
+    result = {
+        "preset": preset, "seeds": seeds, "overrides": overrides, "real": real, "null": null_agg,
         "stagewise_beats": {"ap": wins_ap, "at_k.stagewise_k": wins_k}, "organisms": organisms, "labels": labels,
         "per_seed": {s: {k: v["metrics"] for k, v in r.items()} for s, r in per_seed.items()},
         "seconds": {s: {k: v["seconds"] for k, v in r.items()} for s, r in per_seed.items()},
+        "train_seconds": {s: {k: v["train_seconds"] for k, v in r.items()} for s, r in per_seed.items()},
         "wall_seconds": round(time.time() - t0, 1),
-    })
-    print(f"\n{args.preset} preset, seeds {args.seeds}{' ' + ' '.join(args.overrides) if args.overrides else ''}: mean ± sd over seeds "
+    }
+    write_json(out / "discovery.json", result)
+    print(f"\n{preset} preset, seeds {seeds}{' ' + ' '.join(overrides) if overrides else ''}: mean ± sd over seeds "
           "(precision at equal k over judged features; enrich = own selection's precision / base rate; "
           "sw>AP, sw>P@k = share of seeds where stage-wise is better)")
     for s in per_seed:
@@ -156,10 +182,79 @@ def main() -> None:
               f"permutation null {lab['null_false_positive_rate']:.2%})")
     print("\nreal organisms")
     print(table(real, wins_ap, wins_k))
-    if null is not None:
+    if null_agg is not None:
         print("\nnull (the control diffed as the fine-tuned model)")
-        print(table(null))
+        print(table(null_agg))
     print(f"\nwall time {time.time() - t0:.0f} s; {out / 'discovery.json'}")
+    return result
+
+
+SWEEP_METHODS = ("stagewise", "stagewise_sum", "stagewise_product", "stagewise_enc", "stagewise_dec", "stagewise_percentile",
+                 "stagewise_noise", "d_to_f", "m_to_f", "s_to_f",
+                 "crosscoder", "diffsae")
+
+
+def sweep_table(results: dict[str, dict]) -> str:
+    """One row per setting x method: AP, P@10, own selection size and precision, enrichment, null selections,
+    train seconds per seed (S / fine-tunes / controls); mean ± sd over seeds."""
+    head = (f"{'setting':<17}{'method':<21}{'AP':>12}{'P@10':>12}{'sel':>10}{'prec':>12}{'enrich':>12}{'null sel':>10}"
+            f"{'train s (S/ft/ctl)':>22}")
+    lines = [head]
+    for setting, r in results.items():
+        secs = [v["real"] for v in r["train_seconds"].values()]
+        train = "/".join(f"{np.mean([x[k] for x in secs]):.0f}" for k in ("S", "finetunes", "controls"))
+        for name in SWEEP_METHODS:
+            m = r["real"].get(name)
+            if m is None:
+                continue
+            prec = {"mean": None}
+            vals = [r["per_seed"][s]["real"]["methods"].get(name, {}).get("precision") for s in r["per_seed"]]
+            ok = [v for v in vals if v is not None]
+            if ok:
+                prec = {"mean": float(np.mean(ok)), "sd": float(np.std(ok, ddof=1)) if len(ok) > 1 else None}
+            sel = m["selected"]["values"]
+            sel_txt = "-" if not any(v is not None for v in sel) else f"{np.mean([v or 0 for v in sel]):.1f}±{np.std([v or 0 for v in sel], ddof=1) if len(sel) > 1 else 0:.1f}"
+            nsel = ((r.get("null") or {}).get(name) or {}).get("selected", {}).get("values")
+            null_txt = "-" if not nsel else f"{np.mean([v or 0 for v in nsel]):.1f}"
+            lines.append(f"{setting:<17}{name:<21}{_cell(m['ap']):>12}{_cell(m['at_k.10']):>12}{sel_txt:>10}{_cell(prec):>12}"
+                         f"{_cell(m['enrichment'], 1):>12}{null_txt:>10}{train if name == 'stagewise' else '':>22}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--out", default="runs/bench-discovery")
+    p.add_argument("--no-null", action="store_true", help="skip the null runs")
+    p.add_argument("--causal", action="store_true", help="also run the causal checks (slower; off: eval.causal=false)")
+    p.add_argument("--setting", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                   help="sweep mode: a named override set (repeat it); each runs into <out>/<NAME>/ on top of the overrides")
+    p.add_argument("--reuse-from", type=Path, help="an earlier bench's --out: its run dirs seed each new one (organisms, stores)")
+    p.add_argument("--table-only", action="store_true",
+                   help="sweep mode: print the comparison from the settings' saved <out>/<NAME>/discovery.json, run nothing")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    args = p.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # as the CLI does: our own bars say what is happening
+    out = Path(args.out)
+    if not args.setting:
+        bench(args.preset, args.seeds, out, args.overrides, not args.no_null, args.causal, args.reuse_from)
+        return
+    results = {}
+    for name, *overrides in args.setting:
+        if args.table_only:
+            results[name] = json.loads((out / name / "discovery.json").read_text())
+            continue
+        results[name] = bench(args.preset, args.seeds, out / name, [*args.overrides, *overrides], not args.no_null,
+                              args.causal, args.reuse_from)
+    print(f"\nsweep over seeds {args.seeds} (mean ± sd over seeds; prec = own selection's precision; "
+          "null sel = stage-wise selections on the null run)")
+    for name, *overrides in args.setting:
+        overrides = results[name].get("overrides") or overrides  # --table-only: as the setting ran
+        print(f"  {name}: {' '.join(overrides) or '(preset defaults)'}")
+    print(sweep_table(results))
 
 
 if __name__ == "__main__":

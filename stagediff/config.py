@@ -129,7 +129,8 @@ class DiffConfig:
     percentile: float = 5.0  # percentile of each axis (selection: percentile)
     threshold: float = 0.7  # fixed cosine on both axes (selection: threshold; the paper's value)
     noise_multiple: float = 3.0  # rotation >= this many times the control rotation (selection: noise)
-    vector: Vector = "decoder"  # decoder | encoder: which cosine drives selection and ranking
+    # which cosine drives selection and ranking: encoder, chosen on the discovery bench (docs/MEASUREMENTS.md)
+    vector: Vector = "encoder"
     min_frequency: float = 1e-6  # firing rate under which a feature counts as dead
     axes: list[list[str]] = field(default_factory=lambda: [["D", "F_via_D"], ["M", "F_via_M"]])
     edges: list[list[str]] | None = None  # None = every edge of the stage graph plus S to each F

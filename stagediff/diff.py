@@ -6,7 +6,9 @@ W_dec[i] of a and b, and between the encoder columns W_enc[:, i]. Weights may ca
 any scalar factor; cosines do not see it.
 
 The headline map has one axis per entry of `diff.axes` (default x = cos(D, F_via_D),
-y = cos(M, F_via_M)); `diff.vector` picks the decoder or encoder cosine for it.
+y = cos(M, F_via_M)); `diff.vector` picks the decoder or encoder cosine for it (default encoder:
+on the discovery bench its standings ranked the backdoor features better than the decoder's, the
+paper's choice, with the null organism still selecting nothing; features.csv holds both).
 
 Noise standing (needs `diff.controls` >= 2 control continuations per axis): for an axis a→b
 (b fine-tuned from a), the controls a→a_ctl<j> continue a on its own store with b's budget, lr

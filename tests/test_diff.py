@@ -286,7 +286,7 @@ def test_fdr_selection_recovers_planted_rotations_at_q(tmp_path):
     # calibration: on the features that moved by noise alone, p is near uniform
     null = np.setdiff1d(np.arange(10, len(cols["feature"])), np.concatenate(list(sets.values())))
     assert 0.02 < np.mean(cols["p_x"][null] < 0.1) < 0.2
-    for c in ("score_sum", "score_product", "score_enc", "p_emp_x", "z_y"):
+    for c in ("score_sum", "score_product", "score_dec", "p_emp_x", "z_y"):  # score_dec: the other vector (default encoder)
         assert np.isfinite(cols[c][ranked]).all()
 
 

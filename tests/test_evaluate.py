@@ -239,6 +239,26 @@ def _turn(rows: torch.Tensor, cos: dict[int, float], g: torch.Generator) -> torc
     return out
 
 
+def test_score_variants_rank_by_their_own_column_at_the_run_selection_size():
+    """diff's score_sum / score_product / score_enc become ranked methods over the same ranked features,
+    each selecting as many as the run's selection; a feature the run left unranked stays unranked."""
+    n = 50
+    x, y = np.full(n, 0.95), np.full(n, 0.95)
+    score = np.linspace(1.0, 0.0, n)  # min-z order: 0 first
+    score[7] = np.nan  # rare: not ranked by the run, so by no variant either
+    score_sum = score[::-1].copy()  # the sum puts the run's last feature first
+    score_sum[7] = 99.0
+    table = {"feature": np.arange(n), "dec_cos_D_FD": x, "dec_cos_M_FM": y, "dec_cos_S_FD": x, "dec_cos_S_FM": y,
+             "dead": np.zeros(n, bool), "selected": np.isin(np.arange(n), [0, 1, 2]), "score": score,
+             "score_sum": score_sum, "score_product": score * 2, "score_enc": -score}
+    m = stagewise_methods(table, percentile=5, threshold=0.7, vector="decoder")
+    assert "stagewise_dec" not in m  # no such column: the variant is simply absent
+    assert m["stagewise_sum"].ranking[0] == n - 1 and 7 not in m["stagewise_sum"].ranking
+    assert m["stagewise_sum"].selected.tolist() == [n - 1, n - 2, n - 3]
+    assert m["stagewise_product"].ranking.tolist() == m["stagewise"].ranking.tolist()
+    assert m["stagewise_enc"].ranking[0] == n - 1 and len(m["stagewise_enc"].selected) == 3
+
+
 def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, capsys):
     """Five planted stages diffed by diff_run, then evaluated: the diff must select the two features that
     fire on the trigger and the response (rotated on both axes), not the one rotated on one axis only,

@@ -233,12 +233,12 @@ def test_changed_config_redoes_exactly_what_it_affects(ws, reference, tmp_path):
     cross = run / "crosscoder" / "sae_weights.safetensors"
     before = mtimes([*saes.values(), *stores.values(), cross])
 
-    ok(cli("run", ws["yaml"], "--out", run, "diff.vector=encoder"))
+    ok(cli("run", ws["yaml"], "--out", run, "diff.vector=decoder"))  # not the default (encoder)
     assert mtimes(before) == before, "diff.vector retrained or re-harvested something"
     assert (run / "diff/features.csv").read_bytes() != (reference / "diff/features.csv").read_bytes()
     case("diff.vector changed -> only diff reruns")
 
-    ok(cli("run", ws["yaml"], "--out", run, "diff.vector=encoder", "stages.M.tokens=1920"))
+    ok(cli("run", ws["yaml"], "--out", run, "diff.vector=decoder", "stages.M.tokens=1920"))
     after = mtimes([*saes.values(), *stores.values(), cross])
     changed = {Path(p).parent.name for p in before if after[p] != before[p]}
     assert changed == {"M", "F_via_M"}, changed  # finetuned__base already holds S's larger budget of base data

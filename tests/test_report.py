@@ -110,7 +110,8 @@ def test_write_report_files_and_data(real_run):
     data = json.loads(blob)
     rows = _features(run_dir)
     assert data["n_features"] == len(rows) == cfg.sae.d_sae
-    assert data["axes"]["x"]["column"] == "dec_cos_D_FD" and data["axes"]["y"]["column"] == "dec_cos_M_FM"
+    kind = cfg.diff.vector[:3]  # the map shows the cosines the run ranks by
+    assert data["axes"]["x"]["column"] == f"{kind}_cos_D_FD" and data["axes"]["y"]["column"] == f"{kind}_cos_M_FM"
     summary = json.loads((run_dir / "diff" / "summary.json").read_text())
     assert data["axes"]["x"]["threshold"] == pytest.approx(summary["selection"]["cuts"]["x"])
     # cards: the selected features first, then by rank; each has decoder output tokens and contexts from both data

@@ -40,12 +40,23 @@ def top_k(scores: np.ndarray, live: np.ndarray, k: int) -> np.ndarray:
     return from_scores("", scores, live, np.zeros(0, np.int64), "").ranking[:k]
 
 
+# other ways to combine the axes, recorded by diff.py in features.csv: method name -> (column, words)
+SCORE_VARIANTS = {
+    "stagewise_sum": ("score_sum", "z_x + z_y"),
+    "stagewise_product": ("score_product", "the product of rotation / control scale over the axes"),
+    "stagewise_enc": ("score_enc", "min over axes of z on encoder cosines"),
+    "stagewise_dec": ("score_dec", "min over axes of z on decoder cosines"),
+}
+
+
 def stagewise_methods(table: dict[str, np.ndarray], percentile: float, threshold: float, vector: str = "decoder",
                       noise_multiple: float = 3.0) -> dict[str, Method]:
     """From diff/features.csv: stagewise (the run's selection and score), its percentile and
     threshold variants (diff.select, same score family), the noise-floor variant when the run
-    has a noise control, and each rotation alone (d_to_f, m_to_f, s_to_f = mean of S->F_via_D
-    and S->F_via_M), selected below the percentile of that axis."""
+    has a noise control, the other ways to combine the two axes' standings that diff records
+    (SCORE_VARIANTS: each ranked by its column, selecting as many as stagewise does, so they
+    compare at the same size), and each rotation alone (d_to_f, m_to_f, s_to_f = mean of
+    S->F_via_D and S->F_via_M), selected below the percentile of that axis."""
     kind = "dec" if vector == "decoder" else "enc"
     cols = {k: cos_column(kind, *e) for k, e in
             {"x": ("D", "F_via_D"), "y": ("M", "F_via_M"), "sd": ("S", "F_via_D"), "sm": ("S", "F_via_M")}.items()}
@@ -67,6 +78,11 @@ def stagewise_methods(table: dict[str, np.ndarray], percentile: float, threshold
         score = np.minimum(*multiples) / noise_multiple
         out["stagewise_noise"] = from_scores("stagewise_noise", score, live, ids[live & (score >= 1)],
                                              f"rotation >= {noise_multiple:g} x noise floor on both axes")
+    k = len(out["stagewise"].selected)
+    for name, (column, words) in SCORE_VARIANTS.items():
+        if column in table:
+            score = np.where(np.isfinite(table["score"]), table[column], np.nan)  # the same ranked population
+            out[name] = from_scores(name, score, live, top_k(score, live, k), f"top {k} (as many as stagewise) by {words}")
     s_to_f = (table[cols["sd"]] + table[cols["sm"]]) / 2
     for name, cos in (("d_to_f", x), ("m_to_f", y), ("s_to_f", s_to_f)):
         sel = select([cos], live, selection="percentile", percentile=percentile)
