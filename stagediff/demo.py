@@ -23,9 +23,8 @@ PRESETS: dict[str, dict] = {
         "organism": {"preset": "tiny"},
         "hook": "blocks.2.hook_resid_pre",
         "context_size": 128,
-        # fine-tunes at lr 1e-4 (0.1 x S's): on the discovery bench (seeds 0-2 with nulls) stage-wise AP 0.33 +- 0.09
-        # against 0.29 at 2e-4 and 0.22 at 5e-4 on the same seeds, at the same cost; the prototype's 1500 steps at
-        # batch 256 did not beat it on seed 0 at ~3x the train time (benchmarks/bench_discovery.py --setting, issue 14)
+        # fine-tunes at lr 1e-4 (0.1 x S's): the best of the rates the discovery bench compared, at the same
+        # cost; more steps at a smaller batch did not beat it (docs/MEASUREMENTS.md)
         "sae": {"architecture": "batchtopk", "d_sae": 1024, "k": 16, "lr": 1e-3, "finetune_lr_scale": 0.1, "batch_size": 1024,
                 "warmup_steps": 20, "aux_k": 64, "dead_tokens": 200_000, "checkpoint_every": 100},
         # the organism's chat data holds ~150k tokens per dataset: S reads it ~6.5 times, the fine-tunes
