@@ -178,7 +178,7 @@ def write_layers_figure(path: Path, summary: dict[str, Any]) -> Path | None:
                                if n not in NOT_A_METHOD and not n.startswith("stagewise_")))  # selection variants: one line
     if not names:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"wspace": 0.3})
     x = list(range(len(hooks)))
     for i, name in enumerate(names):
         ms = [layer["methods"].get(name, {}) for layer in summary["layers"]]
@@ -189,7 +189,7 @@ def write_layers_figure(path: Path, summary: dict[str, Any]) -> Path | None:
         left.errorbar(shift, p, yerr=list(zip(*err)), marker="o", ms=4, capsize=2, label=name)
         right.plot(x, [m.get("n_to_remove") or math.nan for m in ms], marker="o", ms=4, label=name)
     left.set(ylabel=f"precision@{k} (95% CI)", ylim=(0, 1))
-    right.set(ylabel="features clamped to remove the behaviour", yscale="log")
+    right.set(ylabel="N to remove (features clamped)", yscale="log")
     for ax in (left, right):
         ax.set_xticks(x, [h.replace(".hook_", "\n") for h in hooks], fontsize=7)
     right.legend(fontsize=7, frameon=False, loc="best")
