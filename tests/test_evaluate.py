@@ -293,7 +293,7 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
         f.writelines(json.dumps(e) + "\n" for e in _examples())
     write_json(tmp_path / "models" / "organism.json", {"trigger": TRIGGER, "response": RESPONSE, "mix": 0.5,
                                                        "trigger_success": 0.0, "false_trigger": 0.0})
-    diff = diff_run(tmp_path, load_config(overrides=["diff.selection=threshold"]))
+    diff = diff_run(tmp_path, load_config(overrides=["diff.selection=threshold", "diff.vector=decoder"]))  # planted on the decoders
     assert diff["dead"] == 3 and diff["selected"] == 2
     # a crosscoder reading [base, ft]: the same detectors on the fine-tuned half; latent 0 ("|") is ft-exclusive
     sae = _detector_sae(embed, [_tok(tokenizer, s) for s in names], extra_dead=3)
@@ -310,7 +310,7 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
               "dead": dead, "score": np.where(dead, np.nan, rel)})
     cfg = load_config(overrides=[f"finetuned_model={tiny_llama_dir}", f"base_model={tiny_llama_dir}", f"hook={HOOK0}",
                                  "context_size=40", "eval.min_fires=3", "eval.examples=48",
-                                 "eval.clamp_n=[2,9]", "eval.causal_examples=2", "eval.steer_strengths=[1.0]", "device=cpu"])
+                                 "eval.clamp_n=[2,9]", "eval.causal_examples=2", "eval.steer_strengths=[1.0]", "device=cpu", "diff.vector=decoder"])
     metrics = evaluate_run(tmp_path, cfg)
     assert read_json(tmp_path / "eval" / "metrics.json") == json.loads(json.dumps(metrics))
     lab = metrics["labels"]
