@@ -20,7 +20,7 @@ PLANTED = list(range(20, 30))  # rotated on both axes (model and data)
 X_ONLY = list(range(40, 50))  # rotated on the D→F axis only
 Y_ONLY = list(range(60, 70))  # rotated on the M→F axis only
 DEAD = [5, 6, 7, 8, 9]  # silent in both F stages, and rotated hard on both axes
-PCT = ["diff.selection=percentile"]  # the planted pair has no control continuations
+PCT = ["diff.selection=percentile", "diff.vector=decoder"]  # no control continuations; the cuts below read the decoder columns
 
 
 def _unit(t):
