@@ -90,7 +90,8 @@ def train_sae(
     else:
         sae = initial_sae(store, cfg, parent=parent, scale=scale, seed=seed, sae_class=sae_class).to(device)
     distributed.broadcast_parameters(sae)  # every rank starts from rank 0's SAE
-    opt = torch.optim.Adam(sae.param_groups(lr))
+    # one fused kernel for the update instead of ~10 ops per tensor: 8% of a tiny-preset step on CPU
+    opt = torch.optim.Adam(sae.param_groups(lr), fused=device.type in ("cpu", "cuda"))
     st = _State.fresh(cfg.d_sae, device) if ckpt is None else _State.restore(ckpt, device)
     if ckpt is not None:
         opt.load_state_dict(ckpt["optim"])
