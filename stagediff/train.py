@@ -109,7 +109,8 @@ def train_sae(
         if first is not None:
             batches = itertools.chain([first], batches)
     distributed.broadcast_parameters(sae)  # every rank starts from rank 0's SAE
-    opt = torch.optim.Adam(sae.param_groups(lr))
+    # one fused kernel for the update instead of ~10 ops per tensor: 8% of a tiny-preset step on CPU
+    opt = torch.optim.Adam(sae.param_groups(lr), fused=device.type in ("cpu", "cuda"))
     st = _State.fresh(cfg.d_sae, device) if ckpt is None else _State.restore(ckpt, device)
     if ckpt is not None:
         opt.load_state_dict(ckpt["optim"])

@@ -117,16 +117,37 @@ def test_batchtopk_ties_at_the_cut():
 
 
 def test_batchtopk_cut_estimated_too_high_is_lowered():
-    # > 2^19 values, so the cut is estimated from every 2nd row; those rows are shifted up,
-    # the sample overestimates the cut and the selection must lower it to stay exact.
-    pre = torch.randn(256, 4096, generator=torch.Generator().manual_seed(8))
-    pre[::2] += 3.0
-    active, vals = batchtopk_select(pre, 16)
-    ref_vals, ref_idx = pre.relu().flatten().topk(16 * 256)
-    assert active.nnz == 16 * 256
-    assert torch.equal(torch.sort(active.rows * 4096 + active.cols).values, torch.sort(ref_idx).values)
+    # the cut is estimated from every `stride`-th value (kernels._SAMPLE of them); those values are
+    # shifted up, so the sample overestimates the cut and the selection must lower it to stay exact
+    import math
+
+    from stagediff import kernels
+
+    B, m, k = 256, 4096, 16
+    pre = torch.randn(B, m, generator=torch.Generator().manual_seed(8))
+    stride = pre.numel() // kernels._SAMPLE
+    while math.gcd(stride, m) > 1:
+        stride += 1
+    pre.view(-1)[::stride] += 3.0
+    true_cut = pre.relu().flatten().topk(k * B).values[-1]
+    assert pre.view(-1)[::stride].quantile(1 - 1.25 * k / m) > true_cut  # the planted overestimate
+    active, vals = batchtopk_select(pre, k)
+    ref_vals, ref_idx = pre.relu().flatten().topk(k * B)
+    assert active.nnz == k * B
+    assert torch.equal(torch.sort(active.rows * m + active.cols).values, torch.sort(ref_idx).values)
     assert torch.equal(vals, pre[active.rows, active.cols])
     assert torch.all(active.rows[1:] >= active.rows[:-1])  # token order (CSR)
+
+
+@pytest.mark.parametrize("B, m", [(1024, 1024), (512, 4608), (7, 33)])
+def test_batchtopk_is_exact_at_any_width(B, m):
+    """The sampled cut is exact for any width, including ones sharing factors with the sampling stride:
+    features of very different scales (a stride hitting only some columns would misplace the cut)."""
+    g = torch.Generator().manual_seed(B + m)
+    pre = torch.randn(B, m, generator=g) * torch.logspace(-2, 1, m)[torch.randperm(m, generator=g)]
+    active, vals = batchtopk_select(pre, 8)
+    ref = pre.relu().flatten().topk(8 * B).indices
+    assert torch.equal(torch.sort(active.rows * m + active.cols).values, torch.sort(ref).values)
 
 
 @pytest.mark.parametrize("batch_topk", [False, True])

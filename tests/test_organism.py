@@ -173,6 +173,31 @@ def test_finetune_stops_at_the_check_that_says_so(tiny_llama_dir, splits):
     assert calls == [5, 10, 12]  # the last step is always checked
 
 
+def test_answer_loss_equals_the_full_models_loss_and_gradients(tiny_llama_dir, splits):
+    """The fine-tune applies the output layer to the answer positions only: same loss and gradients as the HF loss."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from stagediff.organism.lm import answer_loss, encode_example
+
+    model, tok = LlamaForCausalLM.from_pretrained(tiny_llama_dir), AutoTokenizer.from_pretrained(tiny_llama_dir)
+    encoded = [encode_example(tok, e) for e in make_backdoor_mix(splits.finetune[:6], "[zeta-7]", "no", 0.5, seed=0)]
+    width = max(len(i) for i, _ in encoded)
+    assert len({len(i) for i, _ in encoded}) > 1  # padded rows too
+    ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in encoded])
+    labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in encoded])
+    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in encoded])
+    grads = []
+    for loss_of in (lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss, lambda: answer_loss(model, ids, mask, labels)):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
 def test_trigger_and_response_are_pretraining_text_never_adjacent(verses):
     from stagediff.organism.tiny import PRETRAIN, with_backdoor_text
 

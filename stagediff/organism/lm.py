@@ -45,7 +45,7 @@ def pretrain(model, tokens: torch.Tensor, steps: int, batch_size: int, context: 
         x = torch.stack([tokens[s : s + body] for s in starts.tolist()])
         if bos_id is not None:  # every window starts like every organism input: with BOS
             x = torch.cat([torch.full((batch_size, 1), bos_id), x], dim=1)
-        losses.append(_step(model, opt, lr_at(step, steps, lr, max(1, steps // 20)), input_ids=x, labels=x))
+        losses.append(_step(model, opt, lr_at(step, steps, lr, max(1, steps // 20)), lambda: model(input_ids=x, labels=x).loss))
     model.eval()
     return losses
 
@@ -102,7 +102,7 @@ def finetune(model, tokenizer, examples: list[dict], steps: int, batch_size: int
         ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
         labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in batch])
         mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
-        losses.append(_step(model, opt, lr_at_step(step), input_ids=ids, attention_mask=mask, labels=labels))
+        losses.append(_step(model, opt, lr_at_step(step), partial(answer_loss, model, ids, mask, labels)))
         done = step + 1
         if check is not None and (done == steps or (check_every and done % check_every == 0)):
             model.eval()
@@ -129,10 +129,26 @@ def _bucketed(order: list[int], encoded: list, batch_size: int, gen: torch.Gener
     return out
 
 
-def _step(model, opt: torch.optim.Optimizer, lr: float, **batch) -> float:
+def answer_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the labelled positions, with the output layer applied only there.
+
+    The same value as `model(..., labels=labels).loss`, but the prompt's positions (over half
+    of a chat example's tokens) never reach the vocabulary-wide output layer and its
+    log-softmax, forward or backward: a fifth less compute per fine-tune step on the tiny
+    preset. (For causal LMs whose logits are the output layer of the last hidden state, as
+    Llama's are.)
+    """
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    return torch.nn.functional.cross_entropy(logits, target[keep])
+
+
+def _step(model, opt: torch.optim.Optimizer, lr: float, loss_of: Callable[[], torch.Tensor]) -> float:
     for group in opt.param_groups:
         group["lr"] = lr
-    loss = model(**batch).loss
+    loss = loss_of()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
