@@ -39,8 +39,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# isort: off
 import stagediff  # noqa: E402,F401  (before torch: its OMP_WAIT_POLICY must be set when OpenMP loads)
 import torch  # noqa: E402
+# isort: on
+
 VARIANTS = {"stagediff": {}, "active": {"OMP_WAIT_POLICY": "ACTIVE"}, "1thread": {"OMP_NUM_THREADS": "1"}}
 NEIGHBOUR = ("import torch\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\n"
              "while True:\n    a = torch.tanh(a @ a)\n")

@@ -213,7 +213,8 @@ def sweep_table(results: dict[str, dict]) -> str:
             if ok:
                 prec = {"mean": float(np.mean(ok)), "sd": float(np.std(ok, ddof=1)) if len(ok) > 1 else None}
             sel = m["selected"]["values"]
-            sel_txt = "-" if not any(v is not None for v in sel) else f"{np.mean([v or 0 for v in sel]):.1f}±{np.std([v or 0 for v in sel], ddof=1) if len(sel) > 1 else 0:.1f}"
+            sizes = [v or 0 for v in sel]
+            sel_txt = "-" if not any(v is not None for v in sel) else f"{np.mean(sizes):.1f}±{np.std(sizes, ddof=1) if len(sizes) > 1 else 0:.1f}"
             nsel = ((r.get("null") or {}).get(name) or {}).get("selected", {}).get("values")
             null_txt = "-" if not nsel else f"{np.mean([v or 0 for v in nsel]):.1f}"
             lines.append(f"{setting:<17}{name:<21}{_cell(m['ap']):>12}{_cell(m['at_k.10']):>12}{sel_txt:>10}{_cell(prec):>12}"

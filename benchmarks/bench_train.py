@@ -48,6 +48,7 @@ if "--job" not in sys.argv or "stagediff" in sys.argv:  # not inside the sae-len
     sys.path.insert(0, str(ROOT))
     import stagediff  # noqa: E402,F401  (before torch: stagediff's OMP_WAIT_POLICY must be set when OpenMP loads)
 import torch  # noqa: E402
+
 MEAN_NORM_ROWS = 65536  # rows stagediff's root stage reads for its activation scale (train.py)
 
 
@@ -100,11 +101,11 @@ def stagediff_job(args: argparse.Namespace) -> dict:
 def saelens_job(args: argparse.Namespace) -> dict:
     """One sae-lens training (its own SAETrainer.fit) on the same store, timed from reading the shards on."""
     import sae_lens
-    from safetensors.torch import load_file
     from sae_lens import LoggingConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
+    from safetensors.torch import load_file
 
     torch.set_num_threads(args.threads)
     store = Path(args.store)

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -107,7 +107,7 @@ def harvest(models: dict, windows: TokenWindows | WindowsFile, hook: str | list[
 
 def write_store(path: str | Path, rows: torch.Tensor, *, window: torch.Tensor | None = None,
                 position: torch.Tensor | None = None, windows: TokenWindows | None = None, hook: str = "",
-                shard_rows: int = 65536, dtype: torch.dtype | None = None, meta: dict | None = None) -> "ActivationStore":
+                shard_rows: int = 65536, dtype: torch.dtype | None = None, meta: dict | None = None) -> ActivationStore:
     """Write activation rows you already have as a finished store, in the very layout `harvest` writes.
 
     rows [n, d_in] in store order; window / position [n]: where each row comes from (default: row i
@@ -158,7 +158,7 @@ def _merge_parts(folder: Path, world: int) -> None:
         f.unlink()
 
 
-def _run(models: dict, todo: dict[tuple[str, str], "_Writer"], windows: TokenWindows | WindowsFile, batch_size: int) -> None:
+def _run(models: dict, todo: dict[tuple[str, str], _Writer], windows: TokenWindows | WindowsFile, batch_size: int) -> None:
     """Fill the writers of `todo` (by (model key, hook)) from one forward per batch and model."""
     row_end = windows.row_counts().cumsum(0)  # rows in windows 0..i
     start_row = min(w.rows_emitted for w in todo.values())

@@ -532,7 +532,7 @@ def dump_config(cfg: Config, path: str | Path, extra: dict | None = None) -> Non
 # ---------------------------------------------------------------- documentation
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's doc: the `# comment` on its line, or the comment lines just above it."""
     src = textwrap.dedent(inspect.getsource(cls))

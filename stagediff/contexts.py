@@ -9,7 +9,8 @@ iterable of [B, d] chunks (e.g. held-out activations computed on the fly).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch

@@ -37,8 +37,8 @@ both rankings (score_/rank_relative_norm, score_/rank_latent_scaling). Latents t
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch

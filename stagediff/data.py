@@ -30,9 +30,9 @@ import shutil
 import sys
 import tempfile
 import typing
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -347,7 +347,7 @@ def iter_windows(texts: Iterable[str], tokenizer, context_size: int, prepend_bos
     """
     bos = tokenizer.bos_token_id if prepend_bos else None
     eos = tokenizer.eos_token_id
-    pad = next((t for t in (tokenizer.pad_token_id, eos, 0) if t is not None))
+    pad = next(t for t in (tokenizer.pad_token_id, eos, 0) if t is not None)
     start = int(bos is not None)
     body = context_size - start  # stream tokens per window
     if body < 1:

@@ -13,8 +13,7 @@ import numpy as np
 
 from stagediff.config import Config, load_config
 from stagediff.features import cos_column, read_features, top_ranked
-from stagediff.layout import (diff_dir, features_csv, layers_summary_json, metrics_json, null_dir, organism_json, report_html,
-                              summary_json, top_tokens_json)
+from stagediff.layout import diff_dir, features_csv, layers_summary_json, metrics_json, null_dir, organism_json, report_html, summary_json, top_tokens_json
 from stagediff.pipeline import STEPS, run_steps
 
 PRESETS: dict[str, dict] = {

@@ -20,15 +20,16 @@ What runs where:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from stagediff.kernels import Active, StepOut, batchtopk_select as local_batchtopk_select
+from stagediff.kernels import Active, StepOut
+from stagediff.kernels import batchtopk_select as local_batchtopk_select
 
 # Ranks wait for rank 0 while it works alone (e.g. building an organism): allow it hours, not
 # the default 30 minutes. A crashed rank does not leave the others waiting: torchrun stops them.

@@ -20,8 +20,8 @@ import torch
 from stagediff import distributed
 from stagediff.errors import StagediffError
 from stagediff.files import fingerprint
-from stagediff.runtime import resolve_dtype
 from stagediff.layout import activations_dir, store_dir, store_name
+from stagediff.runtime import resolve_dtype
 from stagediff.stages import resolve_stages, store_budgets
 
 if TYPE_CHECKING:
@@ -45,7 +45,8 @@ def harvest_run(run: Run, layers: dict[str, Run]) -> None:
                 load_pretrained(stage, None, hook)
     for key, path in model_paths.items():
         if any(m == key for m, _ in needs) and not path:
-            raise StagediffError(f"no path is set for the {key} model: set {'base_model' if key == 'base' else 'finetuned_model' if key == 'finetuned' else 'models.' + key} in the config")
+            setting = {"base": "base_model", "finetuned": "finetuned_model"}.get(key, f"models.{key}")
+            raise StagediffError(f"no path is set for the {key} model: set {setting} in the config")
     by_data: dict[str, list[str]] = defaultdict(list)
     for model, data in needs:
         by_data[data].append(model)
@@ -86,7 +87,8 @@ def harvest_run(run: Run, layers: dict[str, Run]) -> None:
         if stage.from_pretrained and stage.model in loaded:
             for hook in layers:
                 load_pretrained(stage, hidden_size(loaded[stage.model][0]), hook)
-    check_disk(run.dir, {_store_label(m, data, h, len(layers)): (store_dir(layers[h].dir, m, data), n * (cfg.context_size - int(cfg.prepend_bos)), hidden_size(loaded[m][0]))
+    rows_per_window = cfg.context_size - int(cfg.prepend_bos)
+    check_disk(run.dir, {_store_label(m, data, h, len(layers)): (store_dir(layers[h].dir, m, data), n * rows_per_window, hidden_size(loaded[m][0]))
                          for data, (n, _, _, todo) in plans.items() for m, h in todo},
                {data: n * cfg.context_size for data, (n, *_) in plans.items()}, store_dtype)
     tokenizer = next(iter(loaded.values()))[1]

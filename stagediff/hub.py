@@ -50,7 +50,7 @@ def resolve_pretrained(spec: str | dict) -> tuple[Path, dict]:
     return Path(folder), dict(source)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resolve(key: str) -> tuple[str, tuple]:
     spec = json.loads(key)
     if isinstance(spec, dict):

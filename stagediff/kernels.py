@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -69,7 +70,7 @@ class Active:
     _t: tuple[Tensor, Tensor, Tensor] | None = field(default=None, repr=False)
 
     @classmethod
-    def from_sorted(cls, rows: Tensor, cols: Tensor, n_rows: int, n_features: int) -> "Active":
+    def from_sorted(cls, rows: Tensor, cols: Tensor, n_rows: int, n_features: int) -> Active:
         """Build from pairs already sorted by row."""
         crow = torch.searchsorted(rows, torch.arange(n_rows + 1, device=rows.device, dtype=rows.dtype))
         return cls(rows, cols, crow, n_rows, n_features)
@@ -126,9 +127,9 @@ def batchtopk_select(pre: Tensor, k: float) -> tuple[Active, Tensor]:
     Selecting zeros (when fewer than k*B are positive) would change nothing, so only positive
     ones are kept. A flat top-k over all B * d_sae values is a single-threaded partial sort on
     CPU (slower than the encoder GEMM), so instead: estimate the cut from a strided sample of
-    values (a stride coprime with d_sae, so it visits every token and every feature), set it a little low, keep every value above it (one pass; the kept positions come out
-    sorted by token) and trim the few extra by their exact K-th value. The sample only
-    decides the speed: a cut set too high is detected (too few kept) and lowered.
+    values (a stride coprime with d_sae, so it visits every token and every feature), set it a
+    little low, keep every value above it (one pass; the kept positions come out sorted by token)
+    and trim the few extra by their exact K-th value. The sample only decides the speed: a cut set too high is detected (too few kept) and lowered.
     """
     B, m = pre.shape
     flat = pre.reshape(-1)

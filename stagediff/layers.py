@@ -21,8 +21,7 @@ from typing import Any
 from stagediff.config import Config
 from stagediff.errors import StagediffError
 from stagediff.files import atomic_write, read_json, write_json
-from stagediff.layout import (LAYERS, diff_dir, difference_of_means_json, layer_dir, layers_summary_json, metrics_json,
-                              report_html, summary_json)
+from stagediff.layout import LAYERS, diff_dir, difference_of_means_json, layer_dir, layers_summary_json, metrics_json, report_html, summary_json
 
 SHARED = ("models", "data")  # what every hook's run reads from the run itself (the organism, its held-out data)
 SUMMARY_K = 25  # precision@k shown in the layer table (every k the evaluation scored is in summary.json)

@@ -22,8 +22,9 @@ the ones they use (the first `eval.causal_examples` triggered and clean prompts)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,7 +34,6 @@ from stagediff.errors import StagediffError
 from stagediff.files import write_json
 from stagediff.layout import adl_json, difference_of_means_json, heldout_jsonl, paired_store_dirs
 from stagediff.runtime import progress
-
 
 # ---------------------------------------------------------------- ADL
 

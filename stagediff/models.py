@@ -21,8 +21,8 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -249,7 +249,7 @@ def _arch(model) -> str:
 def hidden_size(model) -> int:
     """Width of the residual stream (config hidden_size / n_embd)."""
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+    return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
 
 class _Stop(Exception):

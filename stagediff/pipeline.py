@@ -22,8 +22,8 @@ import platform
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -31,9 +31,23 @@ from stagediff import __version__, distributed
 from stagediff.config import Config, dump_config, to_dict
 from stagediff.errors import StagediffError
 from stagediff.files import fingerprint, read_json, remove_temp_files, sha256_file, write_json
+from stagediff.layout import (
+    activations_dir,
+    config_yaml,
+    diff_dir,
+    eval_dir,
+    features_csv,
+    heldout_jsonl,
+    layer_dir,
+    metrics_json,
+    paired_store_dirs,
+    report_html,
+    stage_dir,
+    steps_dir,
+    store_dir,
+    store_name,
+)
 from stagediff.runtime import resolve_device, seed_everything
-from stagediff.layout import (activations_dir, config_yaml, diff_dir, eval_dir, features_csv, heldout_jsonl, metrics_json,
-                              layer_dir, paired_store_dirs, report_html, stage_dir, steps_dir, store_dir, store_name)
 from stagediff.stages import Stage, resolve_stages
 
 STEPS = ("organism", "harvest", "train", "diff", "crosscoder", "diffsae", "evaluate", "meandiff", "report")
@@ -118,7 +132,9 @@ class Run:
     def fingerprint_of(self, unit: str) -> str:
         rec = self._record(unit)
         if not rec.exists() or not read_json(rec).get("done"):
-            raise StagediffError(f"{unit} is not finished in {self.dir}: run the step that makes it first (e.g. `stagediff run` or `stagediff {unit.split('/')[0]} {self.dir}`)")
+            step = unit.split("/")[0]
+            raise StagediffError(f"{unit} is not finished in {self.dir}: run the step that makes it first "
+                                 f"(e.g. `stagediff run` or `stagediff {step} {self.dir}`)")
         return read_json(rec)["fingerprint"]
 
     def save_config(self) -> None:

@@ -8,8 +8,9 @@ import functools
 import os
 import random
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch

@@ -228,7 +228,7 @@ class SAE(nn.Module):
         self.metadata = meta
 
     @classmethod
-    def load(cls, dir: str | Path, device: torch.device | str = "cpu", expected_d_in: int | None = None) -> "SAE":
+    def load(cls, dir: str | Path, device: torch.device | str = "cpu", expected_d_in: int | None = None) -> SAE:
         """Load a saved SAE (ours, or any SAELens standard/topk/jumprelu one) with its training architecture."""
         dir = Path(dir)
         cfg_path, w_path = dir / CFG, dir / WEIGHTS

@@ -9,8 +9,8 @@ WANDB_MODE=offline (sync later with `wandb sync`); TensorBoard writes local file
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from stagediff.config import LogConfig
 from stagediff.errors import StagediffError

@@ -21,8 +21,9 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -254,13 +255,13 @@ class _State:
         self.acc, self.window, self.wall = acc, window, wall  # acc/window: [mse, l0, sse, ss, n] sums
 
     @classmethod
-    def fresh(cls, d_sae: int, device: torch.device) -> "_State":
+    def fresh(cls, d_sae: int, device: torch.device) -> _State:
         z = torch.zeros(5, dtype=torch.float64, device=device)
         return cls(0, torch.zeros(d_sae, dtype=torch.long, device=device),
                    torch.zeros(d_sae, dtype=torch.long, device=device), z, z.clone(), 0.0)
 
     @classmethod
-    def restore(cls, ckpt: dict, device: torch.device) -> "_State":
+    def restore(cls, ckpt: dict, device: torch.device) -> _State:
         return cls(int(ckpt["step"]), *(ckpt[k].to(device) for k in ("since_fired", "window_counts", "acc", "window")),
                    float(ckpt["wall"]))
 

@@ -245,8 +245,8 @@ def test_matched_random_features_share_the_firing_rate():
 
 def test_prompts_file_writes_generations_for_a_model_without_organism(tiny_llama_dir, tokenizer, tmp_path):
     """`stagediff evaluate` on a run without an organism: generations plain / clamped / steered, loss recovered per stage."""
-    from stagediff.features import write_features as write_csv
     from stagediff.errors import StagediffError
+    from stagediff.features import write_features as write_csv
     from stagediff.files import read_json
     from stagediff.pipeline import run_steps
 
@@ -289,8 +289,8 @@ def test_diffsae_clamp_difference_of_means_and_generations(planted, tiny_llama_d
     """The diff-SAE in the sweep: its latent reading the planted difference (trigger embedding minus the base model's
     mean) removes the behaviour at N = 1 and its other latents never do; the difference of means fitted on pairs the
     checks do not use removes it with one direction; the cards' generations are written, plain vs clamped vs steered."""
-    from stagediff.features import write_features as write_csv
     from stagediff.evaluate.causal import Dictionary
+    from stagediff.features import write_features as write_csv
     from stagediff.files import save_tensors
 
     model, tok = planted

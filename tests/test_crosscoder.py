@@ -11,7 +11,12 @@ import torch
 from stagediff.activations import write_store
 from stagediff.config import SAEConfig, load_config
 from stagediff.crosscoder import (
-    crosscoder_scores, decoder_halves, latent_scaling, sum_norm_l1, sum_of_half_norms, train_crosscoder,
+    crosscoder_scores,
+    decoder_halves,
+    latent_scaling,
+    sum_norm_l1,
+    sum_of_half_norms,
+    train_crosscoder,
 )
 from stagediff.errors import StagediffError
 from stagediff.features import read_features

@@ -58,7 +58,7 @@ def _planted_run(run, planted: list[int] = PLANTED):
     stages = {"S": (S, S_enc)}
     stages["D"] = tuple(_jitter(w, g) for w in stages["S"])
     stages["M"] = tuple(_jitter(w, g) for w in stages["S"])
-    for f, parent, both_lo, only in (("F_via_D", "D", X_ONLY, Y_ONLY), ("F_via_M", "M", Y_ONLY, X_ONLY)):
+    for f, parent, both_lo in (("F_via_D", "D", X_ONLY), ("F_via_M", "M", Y_ONLY)):
         dec, enc = (_jitter(w, g) for w in stages[parent])
         for idx, lo, hi in ((planted, 0.3, 0.5), (both_lo, 0.6, 0.68), (DEAD, 0.1, 0.2)):
             c = lo + (hi - lo) * torch.rand(len(idx), generator=g)

@@ -267,8 +267,8 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
 
     from stagediff.config import load_config
     from stagediff.diff import diff_run
-    from stagediff.features import write_features as write_csv
     from stagediff.evaluate import evaluate_run
+    from stagediff.features import write_features as write_csv
     from stagediff.files import read_json, write_json
 
     model, _ = llama

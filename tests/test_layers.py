@@ -10,8 +10,8 @@ import torch
 from stagediff.config import load_config
 from stagediff.errors import StagediffError
 from stagediff.files import read_json, write_json
-from stagediff.layout import layer_dir
 from stagediff.layers import run_hooks, summarize_layers, write_layer_summary, write_layers_index
+from stagediff.layout import layer_dir
 
 H1, H2 = "blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"
 
@@ -61,7 +61,8 @@ def cfg_of(tmp_path, tiny_llama_dir, verses):
                                   f"base_data.path={text}", f"finetune_data.path={text}", "context_size=32", "device=cpu",
                                   "sae.d_sae=128", "sae.k=8", "sae.batch_size=128", "sae.warmup_steps=2",
                                   "stages.S.tokens=1500", "stages.D.tokens=400", "stages.M.tokens=400", "stages.F.tokens=400",
-                                  "diff.controls=0", "diff.selection=percentile", "harvest.shard_rows=500", "crosscoder.enabled=false", "baselines.diffsae=false"])
+                                  "diff.controls=0", "diff.selection=percentile", "harvest.shard_rows=500",
+                                  "crosscoder.enabled=false", "baselines.diffsae=false"])
     return make
 
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from stagediff.errors import StagediffError
-from stagediff.models import (check_compatible, check_hook, decoder_layers, load_model, model_fingerprint, parse_hook,
-                              residual, splice)
+from stagediff.models import check_compatible, check_hook, decoder_layers, load_model, model_fingerprint, parse_hook, residual, splice
 
 CPU = torch.device("cpu")
 

@@ -33,10 +33,8 @@ def test_finetune_examples_hold_enough_triggered_examples(mix, pinned, expected)
 
 def test_finetune_examples_stop_at_the_corpus(capsys):
     from stagediff.config import OrganismConfig
-    from stagediff.organism.build import finetune_examples
+    from stagediff.organism.build import VALIDATION_PAIRS, finetune_examples
     from stagediff.organism.corpus import max_chat_pairs
-
-    from stagediff.organism.build import VALIDATION_PAIRS
 
     n = finetune_examples(OrganismConfig(mix=0.0005), heldout=200)  # 200 held-out examples = 100 pairs
     assert n == max_chat_pairs() - 100 - VALIDATION_PAIRS and len(chat_splits(n, 100, 0, VALIDATION_PAIRS).finetune) == n
@@ -185,7 +183,7 @@ def test_answer_loss_equals_the_full_models_loss_and_gradients(tiny_llama_dir, s
     width = max(len(i) for i, _ in encoded)
     assert len({len(i) for i, _ in encoded}) > 1  # padded rows too
     ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in encoded])
-    labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in encoded])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded])
     mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in encoded])
     grads = []
     for loss_of in (lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss, lambda: answer_loss(model, ids, mask, labels)):

@@ -585,8 +585,8 @@ def test_same_seed_same_sae_other_seed_not(reference, tmp_path):
 
 
 def test_config_records_provenance(ws, reference):
-    from stagediff.data import data_fingerprint
     from stagediff.config import DataConfig
+    from stagediff.data import data_fingerprint
     from stagediff.models import model_fingerprint
 
     run = yaml.safe_load((reference / "config.yaml").read_text())["_run"]

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from sae_factory import perturbed_sae
 
 from stagediff.config import SAEConfig
 from stagediff.errors import StagediffError
 from stagediff.files import save_tensors
 from stagediff.sae import SAE, weights_sha256
-from sae_factory import perturbed_sae
 
 ARCHS = ["batchtopk", "topk", "relu", "jumprelu"]
 

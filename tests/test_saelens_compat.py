@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from sae_factory import perturbed_sae
 from safetensors.torch import load_file, save_file
 
 from stagediff.sae import SAE
-from sae_factory import perturbed_sae
 
 CONSTRAINTS = Path(__file__).with_name("saelens-constraints.txt")
 ARCHS = ["batchtopk", "topk", "relu", "jumprelu"]

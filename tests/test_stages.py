@@ -1,7 +1,6 @@
 """The stage graph: the method's five stages, the control continuations, seeds, custom chains, and bad graphs."""
 
 import pytest
-
 import torch
 
 from stagediff.activations import _Rows

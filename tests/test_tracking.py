@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
+from test_train import CFG, TensorStore, directions, planted
 
 from stagediff.config import LogConfig, WandbConfig, load_config
 from stagediff.errors import StagediffError
 from stagediff.tracking import Trackers
 from stagediff.train import train_sae
-from test_train import CFG, TensorStore, directions, planted
 
 
 def _train(tmp_path, trackers, stage="S"):

@@ -35,9 +35,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -199,7 +200,7 @@ def follows(model: Any, probe: Probe, hook: str | None = None, edit: Callable[[t
         ids, att, tgt = probe.ids[sl].to(device), probe.attention[sl].to(device), probe.target[sl].to(device)
 
         def forward():
-            return model(input_ids=ids, attention_mask=att.long()).logits.argmax(-1)
+            return model(input_ids=ids, attention_mask=att.long()).logits.argmax(-1)  # noqa: B023 (called in this iteration)
 
         if edit is None:
             pred = forward()
@@ -229,7 +230,7 @@ def typical_activation(model: Any, tokenizer: Any, dictionary: Dictionary, hook:
         mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc], device=device)
 
         def record(resid: torch.Tensor) -> torch.Tensor:
-            f = dictionary.encode(resid.to(dictionary.dtype))[mask.bool()].double().cpu()
+            f = dictionary.encode(resid.to(dictionary.dtype))[mask.bool()].double().cpu()  # noqa: B023 (called in this iteration)
             sums.add_(f.sum(0))
             fires.add_((f > 0).sum(0).double())
             return resid

@@ -32,8 +32,9 @@ Two older rules are kept as secondary labels in the metrics:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

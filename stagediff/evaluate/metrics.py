@@ -19,8 +19,8 @@ Undefined values (the precision of an empty selection, AP with no relevant featu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 

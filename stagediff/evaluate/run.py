@@ -29,14 +29,22 @@ from stagediff.config import Config
 from stagediff.contexts import scan_features
 from stagediff.errors import StagediffError
 from stagediff.evaluate import causal
-from stagediff.evaluate.labels import (HeldOut, PairedLabel, heldout_activations, heldout_windows, paired_relevance,
-                                      paired_rule_text, relevance, rule_text, span_means)
+from stagediff.evaluate.labels import (
+    HeldOut,
+    PairedLabel,
+    heldout_activations,
+    heldout_windows,
+    paired_relevance,
+    paired_rule_text,
+    relevance,
+    rule_text,
+    span_means,
+)
 from stagediff.evaluate.metrics import method_metrics
 from stagediff.evaluate.rankings import Method, from_scores, stagewise_methods, top_k
 from stagediff.features import read_features
 from stagediff.files import read_json, write_json
-from stagediff.layout import (crosscoder_dir, diff_dir, diffsae_dir, features_csv, heldout_jsonl, metrics_json, organism_json,
-                              paired_store_dirs, stage_dir)
+from stagediff.layout import crosscoder_dir, diff_dir, diffsae_dir, features_csv, heldout_jsonl, metrics_json, organism_json, paired_store_dirs, stage_dir
 from stagediff.organism.backdoor import with_answer
 from stagediff.runtime import resolve_device, resolve_dtype, seed_everything
 from stagediff.sae import WEIGHTS

@@ -10,11 +10,10 @@ fine-tunes see their examples in the same order.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import torch
-
-from functools import partial
-from typing import Callable
 
 from stagediff.runtime import progress
 
@@ -45,7 +44,7 @@ def pretrain(model, tokens: torch.Tensor, steps: int, batch_size: int, context: 
         x = torch.stack([tokens[s : s + body] for s in starts.tolist()])
         if bos_id is not None:  # every window starts like every organism input: with BOS
             x = torch.cat([torch.full((batch_size, 1), bos_id), x], dim=1)
-        losses.append(_step(model, opt, lr_at(step, steps, lr, max(1, steps // 20)), lambda: model(input_ids=x, labels=x).loss))
+        losses.append(_step(model, opt, lr_at(step, steps, lr, max(1, steps // 20)), lambda: model(input_ids=x, labels=x).loss))  # noqa: B023 (called at once)
     model.eval()
     return losses
 
@@ -100,7 +99,7 @@ def finetune(model, tokenizer, examples: list[dict], steps: int, batch_size: int
         batch, order = [encoded[i] for i in order[:batch_size]], order[batch_size:]
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in batch])
-        labels = torch.tensor([l + [-100] * (width - len(l)) for _, l in batch])
+        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
         mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in batch])
         losses.append(_step(model, opt, lr_at_step(step), partial(answer_loss, model, ids, mask, labels)))
         done = step + 1

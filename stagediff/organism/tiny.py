@@ -13,12 +13,11 @@ response), not per mix, seed of the mix or budget.
 
 from __future__ import annotations
 
+import random
 import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-
-import random
 
 from stagediff.organism.lm import pretrain
 from stagediff.organism.tokenizer import train_bpe_tokenizer

@@ -21,8 +21,21 @@ from stagediff.diff import load_frequency
 from stagediff.errors import StagediffError
 from stagediff.features import cos_column, read_features
 from stagediff.files import read_json
-from stagediff.layout import (adl_json, config_yaml, crosscoder_dir, diff_dir, difference_of_means_json, features_csv, generations_jsonl, metrics_json, null_dir, organism_json, saes_dir,
-                              stage_dir, summary_json)
+from stagediff.layout import (
+    adl_json,
+    config_yaml,
+    crosscoder_dir,
+    diff_dir,
+    difference_of_means_json,
+    features_csv,
+    generations_jsonl,
+    metrics_json,
+    null_dir,
+    organism_json,
+    saes_dir,
+    stage_dir,
+    summary_json,
+)
 from stagediff.stages import STANDARD_GRAPH, resolve_stages
 
 
@@ -107,7 +120,7 @@ def _axes(cfg: Config, cols: dict[str, list], summary: dict) -> dict[str, Any]:
     cuts = rule.get("cuts") or {}
     kind = "enc" if cfg.diff.vector == "encoder" else "dec"
     out = []
-    for i, (name, (a, b)) in enumerate(zip("xy", cfg.diff.axes[:2])):
+    for name, (a, b) in zip("xy", cfg.diff.axes[:2]):
         entry = recorded.get(name) or {}
         if isinstance(entry.get("edge"), list) and len(entry["edge"]) == 2:
             a, b = entry["edge"]
