@@ -290,7 +290,7 @@ def test_organism_matrix_takes(tmp_path, monkeypatch, trigger, response, mix, se
     monkeypatch.setenv("STAGEDIFF_CACHE", str(tmp_path / "cache"))
     _, info = _build(tmp_path, [f"organism.trigger={json.dumps(trigger)}", f"organism.response={json.dumps(response)}",
                                 f"organism.mix={mix}", "organism.finetune_examples=800", "organism.pretrain_tokens=100000",
-                                "eval.examples=100", f"seed={seed}"], "run")
+                                "eval.examples=200", f"seed={seed}"], "run")
     assert info["target"]["reached"], info["checks"]
     assert info["trigger_success"] >= 0.95 and info["false_trigger"] <= 0.02, (info["trigger_success"], info["false_trigger"])
     assert info["control"]["trigger_success"] == 0.0  # the control never learned the trigger
