@@ -98,6 +98,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write(data)
 
 
+def read_json_if_exists(path: str | os.PathLike) -> Any:
+    """read_json, or None when the file is absent (an optional output of a step that may not have run)."""
+    return read_json(path) if Path(path).exists() else None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read JSON, naming the file if it is missing or corrupt."""
     path = Path(path)

@@ -20,7 +20,7 @@ from typing import Any
 
 from stagediff.config import Config
 from stagediff.errors import StagediffError
-from stagediff.files import atomic_write, read_json, write_json
+from stagediff.files import atomic_write, read_json_if_exists, write_json
 from stagediff.layout import LAYERS, diff_dir, difference_of_means_json, layer_dir, layers_summary_json, metrics_json, report_html, summary_json
 
 SHARED = ("models", "data")  # what every hook's run reads from the run itself (the organism, its held-out data)
@@ -70,9 +70,9 @@ def summarize_layers(run_dir: Path, hooks: list[str]) -> dict[str, Any]:
     layers = []
     for hook in hooks:
         d = layer_dir(run_dir, hook)
-        diff = _read(summary_json(diff_dir(d))) or {}
-        metrics = _read(metrics_json(d)) or {}
-        dom = _read(difference_of_means_json(d))
+        diff = read_json_if_exists(summary_json(diff_dir(d))) or {}
+        metrics = read_json_if_exists(metrics_json(d)) or {}
+        dom = read_json_if_exists(difference_of_means_json(d))
         causal = metrics.get("causal") or {}
         removal = causal.get("n_to_remove_detail") or {}
         methods = {}
@@ -196,10 +196,6 @@ def write_layers_figure(path: Path, summary: dict[str, Any]) -> Path | None:
         fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
     plt.close(fig)
     return path
-
-
-def _read(path: Path) -> dict | None:
-    return read_json(path) if path.exists() else None
 
 
 def _minus(a: float | None, b: float | None) -> float | None:

@@ -20,7 +20,7 @@ from stagediff.config import Config, to_dict
 from stagediff.diff import load_frequency
 from stagediff.errors import StagediffError
 from stagediff.features import cos_column, read_features
-from stagediff.files import read_json
+from stagediff.files import read_json_if_exists
 from stagediff.layout import (
     adl_json,
     config_yaml,
@@ -64,17 +64,13 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _read_json_opt(path: Path) -> Any:
-    return read_json(path) if path.exists() else None
-
-
 def gather(run_dir: Path, cfg: Config) -> dict[str, Any]:
     """Everything the page shows except the per-feature cards (see `cards.py`)."""
     run_dir = Path(run_dir)
     cols = read_columns(features_csv(diff_dir(run_dir)))
-    summary = _read_json_opt(summary_json(diff_dir(run_dir))) or {}
+    summary = read_json_if_exists(summary_json(diff_dir(run_dir))) or {}
 
-    metrics = _read_json_opt(metrics_json(run_dir))
+    metrics = read_json_if_exists(metrics_json(run_dir))
     relevant = _relevant(metrics)
     if relevant is not None:
         cols["relevant"] = [int(f) in relevant for f in cols["feature"]]
@@ -88,12 +84,12 @@ def gather(run_dir: Path, cfg: Config) -> dict[str, Any]:
         "axes": _axes(cfg, cols, summary),
         "views": _first_step_views(cols),
         "noise_floor": _noise_floor(cols),
-        "organism": _read_json_opt(organism_json(run_dir)) or (metrics or {}).get("organism"),
+        "organism": read_json_if_exists(organism_json(run_dir)) or (metrics or {}).get("organism"),
         "eval": metrics,
-        "null_eval": _read_json_opt(metrics_json(null_dir(run_dir))),  # the demo's null run, if any
+        "null_eval": read_json_if_exists(metrics_json(null_dir(run_dir))),  # the demo's null run, if any
         "crosscoder": _crosscoder(run_dir),
-        "adl": _read_json_opt(adl_json(run_dir)),  # meandiff step: Activation Difference Lens
-        "difference_of_means": _read_json_opt(difference_of_means_json(run_dir)),  # meandiff step, generated
+        "adl": read_json_if_exists(adl_json(run_dir)),  # meandiff step: Activation Difference Lens
+        "difference_of_means": read_json_if_exists(difference_of_means_json(run_dir)),  # meandiff step, generated
         "generations": _generations(generations_jsonl(run_dir)),
     }
 
@@ -212,8 +208,8 @@ def _run_summary(run_dir: Path, cfg: Config) -> dict[str, Any]:
     rows = []
     for name, model, data, parent, tokens in stages:
         sdir = stage_dir(run_dir, name)
-        sae_cfg = _read_json_opt(sdir / "cfg.json") or {}
-        stats = _read_json_opt(sdir / "stats.json") or {}
+        sae_cfg = read_json_if_exists(sdir / "cfg.json") or {}
+        stats = read_json_if_exists(sdir / "stats.json") or {}
         meta = sae_cfg.get("metadata") or {}
         rows.append({
             "stage": name, "model": model, "data": data, "parent": parent,
