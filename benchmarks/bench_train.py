@@ -49,8 +49,6 @@ if "--job" not in sys.argv or "stagediff" in sys.argv:  # not inside the sae-len
     import stagediff  # noqa: E402,F401  (before torch: stagediff's OMP_WAIT_POLICY must be set when OpenMP loads)
 import torch  # noqa: E402
 
-MEAN_NORM_ROWS = 65536  # rows stagediff's root stage reads for its activation scale (train.py)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-kernel", action="store_true", help="skip the kernel-vs-dense step line")
     p.add_argument("--steps", type=int, default=6, help="timed steps per method in the kernel-vs-dense line")
     p.add_argument("--job", choices=["stagediff", "saelens"], help=argparse.SUPPRESS)  # internal: one whole job
+    # internal: the rows stagediff measures its activation scale on (train.MEAN_NORM_ROWS), for sae-lens's estimate
+    p.add_argument("--norm-rows", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -127,7 +127,7 @@ def saelens_job(args: argparse.Namespace) -> dict:
     cfg = SAETrainerConfig(total_training_samples=steps * args.batch, train_batch_size_samples=args.batch,
                            lr=args.lr, lr_end=0.0, lr_warm_up_steps=args.warmup_steps,
                            lr_decay_steps=round(args.decay_fraction * steps), device="cpu",
-                           n_batches_for_norm_estimate=max(1, MEAN_NORM_ROWS // args.batch),
+                           n_batches_for_norm_estimate=max(1, args.norm_rows // args.batch),
                            logger=LoggingConfig(log_to_wandb=False))
     SAETrainer(cfg, sae, provider()).fit()
     return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "version": sae_lens.__version__}
@@ -140,10 +140,13 @@ def saelens_python() -> Path:
 
 def run_job(which: str, args: argparse.Namespace) -> dict | None:
     """Run one whole job in a fresh process (sae-lens's in its venv); None (with the reason) if it failed."""
+    from stagediff.train import MEAN_NORM_ROWS  # sae-lens estimates its norm on as many rows as stagediff
+
     py = str(saelens_python()) if which == "saelens" else sys.executable
     cmd = [py, __file__, "--job", which, "--store", args.store, "--tokens", str(args.tokens), "--d-sae", str(args.d_sae),
            "--k", str(args.k), "--batch", str(args.batch), "--lr", str(args.lr), "--threads", str(args.threads),
-           "--warmup-steps", str(args.warmup_steps), "--decay-fraction", str(args.decay_fraction)]
+           "--warmup-steps", str(args.warmup_steps), "--decay-fraction", str(args.decay_fraction),
+           "--norm-rows", str(MEAN_NORM_ROWS)]
     env = dict(os.environ, TQDM_DISABLE="1", WANDB_MODE="disabled", STAGEDIFF_QUIET="1",
                OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT) if which == "stagediff" else "")
     env.pop("OMP_WAIT_POLICY", None)  # each library's own default
