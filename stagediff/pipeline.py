@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,6 +67,7 @@ class Run:
         self.inputs: dict[str, dict[str, str]] = {}  # fingerprints of the models and datasets (set by harvest)
         self._layers: dict[str, Run] | None = None
         self.recorded_hooks: list[str] = []  # the hooks of a several-hook run, as an earlier command resolved them
+        self.steps: tuple[str, ...] = ()  # the steps this command runs (the training steps among them train together)
 
     def layers(self) -> dict[str, Run]:
         """The run of each hook: this run itself where there is one hook; with several, RUN/layers/<hook>/,
@@ -86,6 +88,7 @@ class Run:
                         link_shared(self.dir, h)
                     layer = Run(dataclasses.replace(copy.deepcopy(self.cfg), hook=h), layer_dir(self.dir, h))
                     layer.restore()
+                    layer.steps = self.steps
                     self._layers[h] = layer
                 distributed.barrier()
         return self._layers
@@ -175,34 +178,88 @@ def step_harvest(run: Run) -> None:
 
 
 def step_train(run: Run) -> None:
-    """Train every stage's dictionary, parents first; finished stages are never retrained."""
-    from stagediff.activations import ActivationStore
-    from stagediff.sae import SAE
+    """Train every stage's dictionary, parents first; finished stages are never retrained. The crosscoder and the
+    diff-SAE train alongside when this command runs their steps too (one torchrun rank trains them later, alone)."""
+    together = () if distributed.world_size() > 1 else tuple(s for s in ("crosscoder", "diffsae") if s in run.steps)
+    train_together(run, ("train", *together))
+
+
+def train_together(run: Run, steps: tuple[str, ...]) -> None:
+    """The training steps among `steps` (stages, crosscoder, diff-SAE) as one graph of units, side by side in
+    `workers` processes (workers.py); finished units are skipped, the others trained parents first."""
     from stagediff.tracking import Trackers
-    from stagediff.train import finished, train_sae
+    from stagediff.workers import auto_workers, run_jobs
 
     cfg = run.cfg
     apply_expansion_factor(run)
-    trackers = Trackers(cfg.log, run.dir, to_dict(cfg)) if distributed.is_main() else None  # wandb / tensorboard
-    for stage in resolve_stages(cfg):
-        fp = stage_fingerprint(run, stage)
-        unit, out = f"train/{stage.name}", stage_dir(run.dir, stage.name)
-        if run.is_done(unit, fp) and finished(out):  # a stage folder deleted by hand is trained again
-            continue
-        run.start(unit, fp, [out])
-        if stage.from_pretrained:
-            import_pretrained(run, stage, out)
-        else:
-            parent = SAE.load(stage_dir(run.dir, stage.parent), device=run.device) if stage.parent else None
-            store = ActivationStore(store_dir(run.dir, stage.model, stage.data))
-            store.verify()  # a damaged shard stops the run here (message: delete the store, rerun), never trained on
-            seed_everything(stage.seed)
-            train_sae(store, dataclasses.replace(stage_sae_config(cfg, stage), lr=stage.lr), tokens=stage.tokens, out_dir=out,
-                      stage=stage.name, parent=parent, seed=stage.seed, device=run.device, metadata=sae_metadata(cfg, stage, fp),
-                      on_record=trackers.hook(stage.name) if trackers else None)
-        run.finish(unit, fp)
+    # wandb / tensorboard mirror each record from this process, and torchrun ranks train each unit together: one at a time here
+    trackers = Trackers(cfg.log, run.dir, to_dict(cfg)) if distributed.is_main() and "train" in steps else None
+    alone = bool(trackers and trackers.hook("S")) or distributed.world_size() > 1
+    workers = 1 if alone else (cfg.workers or auto_workers(run.device))
+    jobs = training_jobs(run, steps, trackers)
+    run_jobs(jobs, min(workers, max(1, len(jobs))), spec=lambda unit: (cfg, run.dir, unit), folder=steps_dir(run.dir) / "jobs")
     if trackers:
         trackers.close()
+
+
+def training_jobs(run: Run, steps: tuple[str, ...], trackers=None) -> list:
+    """The units of the training steps among `steps`: every stage (needing its parent), the crosscoder and the diff-SAE."""
+    from stagediff.workers import Job
+
+    jobs = []
+    if "train" in steps:
+        for stage in resolve_stages(run.cfg):
+            unit = f"train/{stage.name}"
+            hook = trackers.hook(stage.name) if trackers else None
+            jobs.append(Job(unit, (f"train/{stage.parent}",) if stage.parent else (), float(stage.tokens),
+                            begin=partial(begin_stage, run, stage), work=partial(train_stage, run, stage, hook),
+                            end=partial(run.finish, unit)))
+    for name, (settings_of, _, cost) in PAIRED_BASELINES.items():
+        settings = settings_of(run.cfg) if name in steps else None
+        if settings is not None:
+            jobs.append(Job(name, (), cost(run.cfg), begin=partial(begin_paired_baseline, run, name, settings),
+                            work=partial(PAIRED_BASELINES[name][1], run.dir, run.cfg), end=partial(run.finish, name)))
+    return jobs
+
+
+def job_work(cfg: Config, run_dir: Path, unit: str) -> Callable[[], None]:
+    """The training of `unit` ("train/<stage>", "crosscoder", "diffsae") of the run in `run_dir`: what a worker process runs."""
+    run = Run(cfg, run_dir)
+    if unit.startswith("train/"):
+        stage = next(s for s in resolve_stages(cfg) if s.name == unit.split("/", 1)[1])
+        return partial(train_stage, run, stage, None)
+    return partial(PAIRED_BASELINES[unit][1], run.dir, cfg)
+
+
+def begin_stage(run: Run, stage: Stage) -> str | None:
+    """Record the stage started and return its fingerprint; None when it is finished with the same inputs."""
+    from stagediff.train import finished
+
+    fp = stage_fingerprint(run, stage)
+    unit, out = f"train/{stage.name}", stage_dir(run.dir, stage.name)
+    if run.is_done(unit, fp) and finished(out):  # a stage folder deleted by hand is trained again
+        return None
+    run.start(unit, fp, [out])
+    return fp
+
+
+def train_stage(run: Run, stage: Stage, on_record: Callable | None = None) -> None:
+    """Train (or import) one stage's dictionary into RUN/saes/<stage>/ from its parent and its store."""
+    from stagediff.activations import ActivationStore
+    from stagediff.sae import SAE
+    from stagediff.train import train_sae
+
+    cfg, out = run.cfg, stage_dir(run.dir, stage.name)
+    if stage.from_pretrained:
+        import_pretrained(run, stage, out)
+        return
+    parent = SAE.load(stage_dir(run.dir, stage.parent), device=run.device) if stage.parent else None
+    store = ActivationStore(store_dir(run.dir, stage.model, stage.data))
+    store.verify()  # a damaged shard stops the run here (message: delete the store, rerun), never trained on
+    seed_everything(stage.seed)
+    train_sae(store, dataclasses.replace(stage_sae_config(cfg, stage), lr=stage.lr), tokens=stage.tokens, out_dir=out,
+              stage=stage.name, parent=parent, seed=stage.seed, device=run.device,
+              metadata=sae_metadata(cfg, stage, stage_fingerprint(run, stage)), on_record=on_record)
 
 
 def step_diff(run: Run) -> None:
@@ -214,31 +271,80 @@ def step_diff(run: Run) -> None:
 
 
 def step_crosscoder(run: Run) -> None:
-    cfg = run.cfg
+    train_together(run, ("crosscoder",))
+
+
+def step_diffsae(run: Run) -> None:
+    train_together(run, ("diffsae",))
+
+
+def crosscoder_settings(cfg: Config) -> list | None:
+    """What the crosscoder depends on besides its stores; None when it is off."""
     if not cfg.crosscoder.enabled:
-        return
-    from stagediff.crosscoder import crosscoder_tokens, train_crosscoder
+        return None
+    from stagediff.crosscoder import crosscoder_tokens
 
-    train_paired_baseline(run, "crosscoder", [to_dict(cfg.crosscoder), to_dict(cfg.sae), cfg.seed, crosscoder_tokens(cfg)],
-                          train_crosscoder)
+    return [to_dict(cfg.crosscoder), to_dict(cfg.sae), cfg.seed, crosscoder_tokens(cfg)]
 
 
-def train_paired_baseline(run: Run, unit: str, settings: list, train: Callable[[Path, Config], Path]) -> None:
-    """Train a baseline that reads both models over both datasets (the crosscoder, the diff-SAE) into RUN/<unit>/,
-    unless it is done with the same `settings` and stores; does nothing where the paired stores do not exist."""
+def diffsae_settings(cfg: Config) -> list | None:
+    """What the diff-SAE depends on besides its stores; None when it is off or the two models are one."""
+    if not cfg.baselines.diffsae:
+        return None
+    if cfg.base_model and cfg.base_model == cfg.finetuned_model:  # a null run diffs a model against itself: nothing to learn
+        print("diffsae: skipped: the base and fine-tuned models are the same model (their difference is zero)")
+        return None
+    from stagediff.diffsae import diffsae_sae_config, diffsae_tokens
+
+    return [to_dict(diffsae_sae_config(cfg)), cfg.baselines.diffsae_lr, cfg.seed, diffsae_tokens(cfg), cfg.diff.min_frequency]
+
+
+def _train_crosscoder(run_dir: Path, cfg: Config) -> None:
+    from stagediff.crosscoder import train_crosscoder
+
+    train_crosscoder(run_dir, cfg)
+
+
+def _train_diffsae(run_dir: Path, cfg: Config) -> None:
+    from stagediff.diffsae import train_diffsae
+
+    train_diffsae(run_dir, cfg)
+
+
+def _crosscoder_cost(cfg: Config) -> float:
+    from stagediff.crosscoder import crosscoder_tokens
+
+    return 2.0 * crosscoder_tokens(cfg)  # it reads both models' rows side by side
+
+
+def _diffsae_cost(cfg: Config) -> float:
+    from stagediff.diffsae import diffsae_tokens
+
+    return float(diffsae_tokens(cfg))
+
+
+# the baselines that read both models over both datasets: (what they depend on, their training, their work for scheduling)
+PAIRED_BASELINES: dict[str, tuple[Callable[[Config], list | None], Callable[[Path, Config], None], Callable[[Config], float]]] = {
+    "crosscoder": (crosscoder_settings, _train_crosscoder, _crosscoder_cost),
+    "diffsae": (diffsae_settings, _train_diffsae, _diffsae_cost),
+}
+
+
+def begin_paired_baseline(run: Run, unit: str, settings: list) -> str | None:
+    """Record a paired baseline (RUN/<unit>/) started and return its fingerprint; None when it is done with the same
+    `settings` and stores, or when the paired stores do not exist."""
     from stagediff.activations import ActivationStore
 
     stores = [p for data in ("base", "finetune") for p in paired_store_dirs(run.dir, data)]
     if not all(p.exists() for p in stores):
-        return
+        return None
     fp = fingerprint([*settings, [run.fingerprint_of(f"harvest/{p.name}") for p in stores]])
     if run.is_done(unit, fp):
-        return
+        return None
     for p in stores:
         ActivationStore(p).verify()  # a damaged shard stops the run here, never trained on
     run.start(unit, fp, [run.dir / unit])
-    train(run.dir, run.cfg)
-    run.finish(unit, fp)
+    return fp
 
 
 def step_evaluate(run: Run) -> None:
@@ -273,12 +379,6 @@ def step_report(run: Run) -> None:
     print(f"report: {path}")
 
 
-def step_diffsae(run: Run) -> None:
-    from stagediff.diffsae import step_diffsae as step
-
-    step(run)
-
-
 def step_meandiff(run: Run) -> None:
     from stagediff.meandiff import step_meandiff as step
 
@@ -301,6 +401,7 @@ def run_steps(cfg: Config, run_dir: str | Path, steps: tuple[str, ...] = STEPS) 
     run = Run(cfg, run_dir)
     run.dir.mkdir(parents=True, exist_ok=True)
     run.restore()
+    run.steps = tuple(steps)
     for name in steps:
         if name not in PARALLEL_STEPS:
             distributed.finish()  # the other ranks are done; rank 0 goes on alone

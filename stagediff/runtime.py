@@ -71,8 +71,9 @@ def progress(iterable: Iterable[T] | None = None, total: int | None = None, desc
     from tqdm.auto import tqdm
 
     quiet = os.environ.get("STAGEDIFF_QUIET") == "1"
-    if quiet or sys.stderr.isatty():
-        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=quiet, dynamic_ncols=True, leave=False)
+    if quiet or sys.stderr.isatty():  # a worker process (workers.py) draws on its own line
+        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=quiet, dynamic_ncols=True, leave=False,
+                    position=int(os.environ.get("STAGEDIFF_BAR_POSITION", "0")))
     return _log_bar()(iterable, total=total, desc=desc, unit=unit, file=_LineWriter(sys.stderr), ncols=100,
                       mininterval=LOG_EVERY_SECONDS, maxinterval=LOG_EVERY_SECONDS * 6, delay=LOG_EVERY_SECONDS, leave=True)
 

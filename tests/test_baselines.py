@@ -277,8 +277,7 @@ def test_steering_adds_the_scaled_unit_direction(tiny_llama_dir):
 
 
 def test_step_diffsae_trains_once_and_retrains_when_its_inputs_change(tmp_path):
-    from stagediff.diffsae import step_diffsae
-    from stagediff.pipeline import Run
+    from stagediff.pipeline import Run, step_diffsae
 
     base, ft, *_ = _planted_difference(seed=1)
     for data, sl in (("base", slice(0, 2048)), ("finetune", slice(2048, 4096))):
