@@ -13,6 +13,11 @@ Run directories are kept (runs/bench-discovery/seed<N>[/null]), so a rerun with 
 diff settings reuses the organisms and activations and redoes only what the settings change.
 Writes <out>/discovery.json (mean, sd and per-seed lists of every figure) and prints the table.
 
+Causal fidelity, read post hoc from each real run directory (also with eval.causal=false, and by --table-only
+on existing settings, which adds it to their discovery.json): trigger success with every feature of F_via_D
+(and of F_via_M) clamped, i.e. what the SAE's error term still carries, which no ranking of the features can
+remove; and with the paired label's relevant features clamped.
+
 Sweep mode: several named override sets over the same seeds, each in <out>/<name>/, then one
 comparison table (setting x method: AP, P@10, own selection, enrichment, null selections, train time).
 `--reuse-from` copies an earlier bench's run directories (activation stores hard-linked, the rest
@@ -85,6 +90,54 @@ def run_seed(preset: str, seed: int, out: Path, overrides: list[str], null: bool
         run_steps(demo_config(preset, ov), run_dir, STEPS[:-1])  # no report: the figures are in metrics.json
         metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
         result[kind] = {"metrics": metrics, "seconds": round(time.time() - t, 1), "train_seconds": train_seconds(run_dir)}
+    return result
+
+
+def backdoor_in_features(run_dir: Path, prompts: int = 100) -> dict:
+    """Causal fidelity of a finished organism run's F dictionaries, read post hoc (eval.causal on or off).
+
+    Trigger success on the first `prompts` triggered held-out prompts with each F dictionary spliced into
+    the fine-tuned model and every feature clamped ("left in error": what the SAE's error term alone still
+    carries; no ranking of its features can remove more), and with the paired label's relevant features
+    (eval/metrics.json) clamped. The same probes and splice as the evaluation's causal checks (causal.Checks).
+    """
+    from stagediff.config import load_config
+    from stagediff.evaluate.causal import Checks, Dictionary
+    from stagediff.evaluate.run import F_STAGES, organism_info, read_heldout
+    from stagediff.files import read_json
+    from stagediff.layout import config_yaml, metrics_json, model_dir, stage_dir
+    from stagediff.models import load_model
+    from stagediff.runtime import resolve_device, resolve_dtype
+    from stagediff.sae import SAE
+
+    cfg = load_config(config_yaml(run_dir))
+    device = resolve_device(cfg.device)
+    # the run's own copy of the model: a reused run directory's config may still name its source's path
+    model, tokenizer = load_model(str(model_dir(run_dir, "finetuned")), device=device, dtype=resolve_dtype(cfg.harvest.model_dtype, device))
+    examples = read_heldout(run_dir, cfg.eval.examples)
+    triggered = [x for x in examples if x.get("triggered")][:prompts]
+    clean = [x for x in examples if not x.get("triggered")][:prompts]  # Checks lays out clean probes too (unused here)
+    checks = Checks(model, tokenizer, cfg.hook, triggered, clean, organism_info(run_dir, cfg)["response"], cfg.eval.reply_tokens,
+                    cfg.harvest.batch_size)
+    relevant = [int(i) for i in read_json(metrics_json(run_dir))["labels"]["relevant_features"]]
+    out = {"prompts": len(triggered), "plain": checks.trigger_success(None), "relevant_features": len(relevant),
+           "target": cfg.eval.clamp_target}
+    for stage in F_STAGES:
+        dic = Dictionary(SAE.load(stage_dir(run_dir, stage)).to(device))
+        out[stage] = {"left_in_error": checks.trigger_success(dic, list(range(dic.d_sae))),
+                      "relevant_clamped": checks.trigger_success(dic, relevant)}
+    return out
+
+
+def add_fidelity(result: dict, out: Path) -> dict:
+    """`result["fidelity"]` {seed: backdoor_in_features} for every real run of a setting that lacks it; saved back."""
+    fid = result.setdefault("fidelity", {})
+    missing = [s for s in result["seeds"] if str(s) not in fid]
+    for s in missing:
+        print(f"backdoor left in error: {out / f'seed{s}'}", flush=True)
+        fid[str(s)] = backdoor_in_features(out / f"seed{s}")
+    if missing:
+        write_json(out / "discovery.json", result)
     return result
 
 
@@ -169,6 +222,7 @@ def bench(preset: str, seeds: list[int], out: Path, overrides: list[str], null: 
         "per_seed": {s: {k: v["metrics"] for k, v in r.items()} for s, r in per_seed.items()},
         "seconds": {s: {k: v["seconds"] for k, v in r.items()} for s, r in per_seed.items()},
         "train_seconds": {s: {k: v["train_seconds"] for k, v in r.items()} for s, r in per_seed.items()},
+        "fidelity": {str(s): backdoor_in_features(out / f"seed{s}") for s in per_seed},
         "wall_seconds": round(time.time() - t0, 1),
     }
     write_json(out / "discovery.json", result)
@@ -185,6 +239,10 @@ def bench(preset: str, seeds: list[int], out: Path, overrides: list[str], null: 
     if null_agg is not None:
         print("\nnull (the control diffed as the fine-tuned model)")
         print(table(null_agg))
+    for s, f in result["fidelity"].items():
+        print(f"  seed {s}: trigger success with every feature clamped (left in error) F_via_D {f['F_via_D']['left_in_error']:.2f}, "
+              f"F_via_M {f['F_via_M']['left_in_error']:.2f}; {f['relevant_features']} relevant clamped "
+              f"{f['F_via_D']['relevant_clamped']:.2f} / {f['F_via_M']['relevant_clamped']:.2f}")
     print(f"\nwall time {time.time() - t0:.0f} s; {out / 'discovery.json'}")
     return result
 
@@ -192,6 +250,24 @@ def bench(preset: str, seeds: list[int], out: Path, overrides: list[str], null: 
 SWEEP_METHODS = ("stagewise", "stagewise_sum", "stagewise_product", "stagewise_enc", "stagewise_dec", "stagewise_percentile",
                  "stagewise_noise", "d_to_f", "m_to_f", "s_to_f",
                  "crosscoder", "diffsae")
+
+
+def _stats(vals: list) -> dict:
+    """{mean, sd} of the known values (sd with one value: None), as _cell prints them."""
+    ok = [float(v) for v in vals if v is not None and math.isfinite(v)]
+    return {"mean": float(np.mean(ok)) if ok else None, "sd": float(np.std(ok, ddof=1)) if len(ok) > 1 else None}
+
+
+def _method_cells(r: dict, name: str) -> dict[str, str]:
+    """A setting's `name` figures as table cells: AP, P@10, own selection size and precision, enrichment, null selections."""
+    m = r["real"][name]
+    prec = _stats([r["per_seed"][s]["real"]["methods"].get(name, {}).get("precision") for s in r["per_seed"]])
+    sel = m["selected"]["values"]
+    sizes = [v or 0 for v in sel]
+    nsel = ((r.get("null") or {}).get(name) or {}).get("selected", {}).get("values")
+    return {"ap": _cell(m["ap"]), "p10": _cell(m["at_k.10"]), "prec": _cell(prec), "enrich": _cell(m["enrichment"], 1),
+            "sel": "-" if not any(v is not None for v in sel) else f"{np.mean(sizes):.1f}±{np.std(sizes, ddof=1) if len(sizes) > 1 else 0:.1f}",
+            "null": "-" if not nsel else f"{np.mean([v or 0 for v in nsel]):.1f}"}
 
 
 def sweep_table(results: dict[str, dict]) -> str:
@@ -204,21 +280,35 @@ def sweep_table(results: dict[str, dict]) -> str:
         secs = [v["real"] for v in r["train_seconds"].values()]
         train = "/".join(f"{np.mean([x[k] for x in secs]):.0f}" for k in ("S", "finetunes", "controls"))
         for name in SWEEP_METHODS:
-            m = r["real"].get(name)
-            if m is None:
+            if name not in r["real"]:
                 continue
-            prec = {"mean": None}
-            vals = [r["per_seed"][s]["real"]["methods"].get(name, {}).get("precision") for s in r["per_seed"]]
-            ok = [v for v in vals if v is not None]
-            if ok:
-                prec = {"mean": float(np.mean(ok)), "sd": float(np.std(ok, ddof=1)) if len(ok) > 1 else None}
-            sel = m["selected"]["values"]
-            sizes = [v or 0 for v in sel]
-            sel_txt = "-" if not any(v is not None for v in sel) else f"{np.mean(sizes):.1f}±{np.std(sizes, ddof=1) if len(sizes) > 1 else 0:.1f}"
-            nsel = ((r.get("null") or {}).get(name) or {}).get("selected", {}).get("values")
-            null_txt = "-" if not nsel else f"{np.mean([v or 0 for v in nsel]):.1f}"
-            lines.append(f"{setting:<17}{name:<21}{_cell(m['ap']):>12}{_cell(m['at_k.10']):>12}{sel_txt:>10}{_cell(prec):>12}"
-                         f"{_cell(m['enrichment'], 1):>12}{null_txt:>10}{train if name == 'stagewise' else '':>22}")
+            c = _method_cells(r, name)
+            lines.append(f"{setting:<17}{name:<21}{c['ap']:>12}{c['p10']:>12}{c['sel']:>10}{c['prec']:>12}"
+                         f"{c['enrich']:>12}{c['null']:>10}{train if name == 'stagewise' else '':>22}")
+    return "\n".join(lines)
+
+
+SINGLE_PATHS = ("d_to_f", "m_to_f", "s_to_f")
+
+
+def fidelity_table(results: dict[str, dict]) -> str:
+    """One row per setting: stage-wise's figures, the best single path's AP, and whether the F dictionaries hold the
+    backdoor (add_fidelity): trigger success left in the error term, and with the relevant features clamped, per F
+    dictionary; `held` = seeds whose F_via_D, every feature clamped, is at or below the removal target."""
+    head = (f"{'setting':<17}{'AP':>12}{'P@10':>12}{'sel':>10}{'prec':>12}{'null sel':>10}{'best single AP':>22}"
+            f"{'error F_via_D':>15}{'error F_via_M':>15}{'rel F_via_D':>13}{'rel F_via_M':>13}{'held':>6}")
+    lines = [head]
+    for setting, r in results.items():
+        c = _method_cells(r, "stagewise")
+        single = [n for n in SINGLE_PATHS if (r["real"].get(n) or {}).get("ap", {}).get("mean") is not None]
+        best = max(single, key=lambda n: r["real"][n]["ap"]["mean"], default=None)
+        best_txt = "-" if best is None else f"{_cell(r['real'][best]['ap'])} {best}"
+        fid = [r.get("fidelity", {}).get(str(s)) for s in r["seeds"]]
+        fid = [f for f in fid if f]
+        cells = [_cell(_stats([f[st][k] for f in fid])) for k in ("left_in_error", "relevant_clamped") for st in ("F_via_D", "F_via_M")]
+        held = f"{sum(f['F_via_D']['left_in_error'] <= f['target'] for f in fid)}/{len(fid)}"
+        lines.append(f"{setting:<17}{c['ap']:>12}{c['p10']:>12}{c['sel']:>10}{c['prec']:>12}{c['null']:>10}{best_txt:>22}"
+                     f"{cells[0]:>15}{cells[1]:>15}{cells[2]:>13}{cells[3]:>13}{held:>6}")
     return "\n".join(lines)
 
 
@@ -246,7 +336,7 @@ def main() -> None:
     results = {}
     for name, *overrides in args.setting:
         if args.table_only:
-            results[name] = json.loads((out / name / "discovery.json").read_text())
+            results[name] = add_fidelity(json.loads((out / name / "discovery.json").read_text()), out / name)
             continue
         results[name] = bench(args.preset, args.seeds, out / name, [*args.overrides, *overrides], not args.no_null,
                               args.causal, args.reuse_from)
@@ -256,6 +346,10 @@ def main() -> None:
         overrides = results[name].get("overrides") or overrides  # --table-only: as the setting ran
         print(f"  {name}: {' '.join(overrides) or '(preset defaults)'}")
     print(sweep_table(results))
+    print("\nthe backdoor in the F dictionaries' features (trigger success on 100 triggered held-out prompts, mean ± sd over "
+          "seeds): error = every feature clamped (what the SAE's error term carries); rel = the paired label's relevant "
+          "features clamped; held = seeds where F_via_D's features carry it all (error <= the removal target)")
+    print(fidelity_table(results))
 
 
 if __name__ == "__main__":
