@@ -189,6 +189,11 @@ class EvalConfig:
     steer_k: list[int] = field(default_factory=lambda: [1, 5, 20])  # top-k features steered together
     steer_strengths: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     causal_examples: int = 100  # triggered (clamp) and clean (steer, loss) held-out prompts for causal checks
+    # the rankings the causal checks clamp and steer (["all"]: every ranking scored). By default the single paths, the
+    # baselines, the oracle and the run's own stage-wise ranking; the stage-wise selection and score variants are
+    # compared by their labels on the discovery bench (each sweep is ~50-100 forwards of the fine-tuned model)
+    causal_methods: list[str] = field(default_factory=lambda: ["stagewise", "d_to_f", "m_to_f", "s_to_f", "activation_diff",
+                                                               "oracle", "crosscoder", "diffsae"])
     activation_rows: int = 200_000  # activation rows per model read by the activation-difference baseline
     causal_stage: str = "F_via_D"  # the F dictionary spliced into the fine-tuned model for causal checks
     # runs without an organism: greedy generations on these prompts, plain / top features clamped / steered

@@ -21,6 +21,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -186,6 +187,7 @@ def worker_main(threads: int) -> None:
     leave a result file beside the job file ({"seconds"} or {"error", ...})."""
     import torch
 
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     torch.set_num_threads(threads)
     from stagediff.pipeline import job_work
 
@@ -203,6 +205,14 @@ def worker_main(threads: int) -> None:
             write_json(job_path + ".done", {"error": str(e), "traceback": traceback.format_exc()})
             continue
         write_json(job_path + ".done", {"seconds": round(time.time() - t, 2)})
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker when the run that started it is gone (killed: no `finally` stopped us), so no orphan keeps
+    writing into a run directory that a resumed run is already using."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 if __name__ == "__main__":

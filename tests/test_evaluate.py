@@ -336,8 +336,10 @@ def test_evaluate_run_end_to_end(llama, tokenizer, tiny_llama_dir, tmp_path, cap
     x = metrics["methods"]["crosscoder"]
     assert x["selected"] == 1 and x["precision"] == 1.0 and x["live"] == 5 and lab["own_dictionaries"]["crosscoder"]["relevant"] == 2
     assert x["ap"] == pytest.approx((1 + 2 / 3) / 2)  # judged ranking 0 3 1 4 (ties by id), relevant {0, 1}
-    c = metrics["causal"]  # what the checks find is tested in test_causal.py; here: they ran on every ranking
-    assert [r["n"] for r in c["clamp"]] == [2] and set(c["clamp_by_method"]) == set(c["n_to_remove"]) == set(metrics["methods"])
+    c = metrics["causal"]  # what the checks find is tested in test_causal.py; here: they ran on eval.causal_methods
+    swept = set(cfg.eval.causal_methods) & set(metrics["methods"])
+    assert swept == {"stagewise", "d_to_f", "m_to_f", "s_to_f", "oracle", "crosscoder"}  # no diff-SAE, no activation stores here
+    assert [r["n"] for r in c["clamp"]] == [2] and set(c["clamp_by_method"]) == set(c["n_to_remove"]) == swept
     assert c["controls"]["untouched_splice_identical_logits"] and c["clean_loss"]["spliced_untouched"] == c["clean_loss"]["before"]
     assert "stagewise" in capsys.readouterr().out
 
@@ -376,3 +378,17 @@ def test_activation_difference_baseline_ranks_the_planted_rise_first(tmp_path):
     ranking = from_scores("activation_diff", diff, np.ones(d_sae, bool), np.zeros(0, np.int64), "").ranking
     assert ranking[:2].tolist() == [5, 3] and ranking[-1] == 7
     assert _activation_diff(tmp_path / "elsewhere", cfg, saes) is None  # no paired stores: no baseline
+
+
+def test_causal_methods_choose_the_rankings_swept():
+    from stagediff.errors import StagediffError
+    from stagediff.evaluate.rankings import from_scores
+    from stagediff.evaluate.run import causal_rankings
+
+    live = np.ones(4, bool)
+    methods = {n: from_scores(n, np.arange(4.0), live, np.arange(2), "") for n in ("stagewise", "stagewise_sum", "d_to_f", "oracle")}
+    assert causal_rankings(methods, ["all"]) is methods
+    # a ranking this run does not have (no crosscoder trained) is skipped, in the evaluation's own order
+    assert list(causal_rankings(methods, ["oracle", "crosscoder", "stagewise"])) == ["stagewise", "oracle"]
+    with pytest.raises(StagediffError, match=r"stagewise_sums.*stagewise_sum"):
+        causal_rankings(methods, ["stagewise_sums"])

@@ -178,3 +178,28 @@ def test_gguf_is_converted_once(tmp_path, monkeypatch):
     assert time.perf_counter() - t < 10
     ids = tok("In the beginning God created", return_tensors="pt").input_ids
     torch.testing.assert_close(model(ids).logits, again(ids).logits)
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", "blocks.2.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.2.hook_resid_post"])
+def test_forwards_from_a_captured_prefix_equal_full_forwards(which, hook, request, tokenizer, verses):
+    from stagediff.models import capture_prefix, from_prefix
+
+    model, _ = request.getfixturevalue(which)
+    ids = _ids(tokenizer, verses)
+    att = torch.ones_like(ids)
+    att[2, 15:] = 0
+    edit = lambda x: x * 0.5 + 1.0  # noqa: E731
+    with splice(model, hook, edit):
+        want = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+    prefix = capture_prefix(model, ids, att, hook)
+    assert (prefix is None) == (hook == "blocks.0.hook_resid_pre")  # nothing before the first layer to skip
+    with from_prefix(model, hook, prefix), splice(model, hook, edit):
+        got = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+    assert torch.equal(got, want)  # bit for bit
+    if prefix is not None:  # the layers below the hook were called but returned the captured output
+        wrong = type(prefix)(torch.zeros_like(prefix.output) if torch.is_tensor(prefix.output) else
+                             (torch.zeros_like(prefix.output[0]), *prefix.output[1:]))
+        with from_prefix(model, hook, wrong), splice(model, hook, edit):
+            assert not torch.allclose(model(input_ids=ids, attention_mask=att, use_cache=False).logits, want)
+    assert not any("forward" in vars(layer) for layer in decoder_layers(model))  # every layer computes again after it

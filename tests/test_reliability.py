@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,7 @@ def ws(tmp_path_factory, tiny_llama_dir, verses) -> dict:
         "stages": {"S": {"tokens": 2560}, "D": {"tokens": 1280}, "M": {"tokens": 1280}, "F": {"tokens": 1280}},
         "crosscoder": {"tokens": 1280},
         "report": {"enabled": False},
+        "workers": 1,  # the fault injector arms the `stagediff` process only; test_workers_killed_* runs the worker processes
     }
     return {"root": root, "cfg": cfg, "yaml": write_cfg(root / "cfg.yaml", cfg), "base": tiny_llama_dir, "ft": str(ft)}
 
@@ -223,6 +225,40 @@ def test_killed_anywhere_resumes_to_identical_outputs(ws, reference, tmp_path, c
         shards = [json.loads((r / "activations" / store.name / "manifest.json").read_text())["shards"] for r in (run, reference)]
         assert shards[0] == shards[1], f"store {store.name} differs after a resumed harvest"
     case("5 kills then a clean rerun == uninterrupted run (activation shards, SAE bytes, crosscoder, features.csv)")
+
+
+def _workers_alive() -> list[str]:
+    """Command lines of running stagediff worker processes (workers.py)."""
+    alive = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "stagediff.workers" in cmd:
+            alive.append(cmd)
+    return alive
+
+
+def test_workers_killed_with_the_run_resume_to_identical_outputs(ws, reference, tmp_path):
+    """Dictionaries trained side by side in worker processes: the same bytes as one after another, and a SIGKILLed
+    run takes its workers with it (no orphan writes into the run directory) and resumes to those bytes."""
+    run = tmp_path / "run"
+    go = ("run", ws["yaml"], "--out", run, "workers=2")
+    # S finished and recorded; its sibling baselines and S's children are in the workers when the run dies
+    killed(cli(*go, fault=f"kill-after:{run}/.steps/train__S.json:2"))
+    for _ in range(50):  # a worker notices within half a second
+        if not _workers_alive():
+            break
+        time.sleep(0.1)
+    assert not _workers_alive(), _workers_alive()
+    done = steps_done(run)
+    assert done["train__S"] and not all(done.get(f"train__{s}", False) for s in STAGES)
+    ok(cli(*go))
+    assert all(steps_done(run).values()) and not (run / ".steps" / "jobs").exists()
+    got, want = outputs(run), outputs(reference)
+    assert [k for k in want if got[k] != want[k]] == [], "the run in worker processes differs from the one in a single process"
+    case("SIGKILL of a run training in 2 worker processes -> workers exit, resume == single-process run")
 
 
 def test_changed_config_redoes_exactly_what_it_affects(ws, reference, tmp_path):

@@ -41,7 +41,7 @@ from stagediff.evaluate.labels import (
     span_means,
 )
 from stagediff.evaluate.metrics import method_metrics
-from stagediff.evaluate.rankings import Method, from_scores, stagewise_methods, top_k
+from stagediff.evaluate.rankings import SCORE_VARIANTS, Method, from_scores, stagewise_methods, top_k
 from stagediff.features import read_features
 from stagediff.files import read_json, write_json
 from stagediff.layout import crosscoder_dir, diff_dir, diffsae_dir, features_csv, heldout_jsonl, metrics_json, organism_json, paired_store_dirs, stage_dir
@@ -51,6 +51,9 @@ from stagediff.sae import WEIGHTS
 
 F_STAGES = ("F_via_D", "F_via_M")
 RELATIVE_NORM_CUT = 0.9  # crosscoder latents at least this fine-tuned-exclusive are its selection
+# every ranking the evaluation can score (which of them a run has depends on its stages and baselines)
+KNOWN_RANKINGS = ("stagewise", "stagewise_percentile", "stagewise_threshold", "stagewise_noise", *SCORE_VARIANTS,
+                  "d_to_f", "m_to_f", "s_to_f", "activation_diff", "oracle", "crosscoder", "diffsae")
 
 
 def read_heldout(run_dir: Path, limit: int) -> list[dict]:
@@ -193,6 +196,19 @@ def format_table(methods: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def causal_rankings(methods: dict[str, Method], names: list[str]) -> dict[str, Method]:
+    """The rankings `eval.causal_methods` names among those scored (["all"]: every one). A name the evaluation never
+    scores is an error; one it scores only sometimes (the crosscoder when it is off) is skipped."""
+    if names == ["all"]:
+        return methods
+    known = {*KNOWN_RANKINGS, *methods}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise StagediffError(f"eval.causal_methods names {unknown}, which the evaluation does not rank: "
+                             f"use some of {sorted(known)}, or [all]")
+    return {n: m for n, m in methods.items() if n in names}
+
+
 def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     """Label features, score every method and run the causal checks; write RUN/eval/metrics.json."""
     from stagediff.models import load_model
@@ -255,7 +271,8 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     # (the diff-SAE's splice stands the mean base activation in for the base residual: causal.Dictionary)
     causal_out = {}
     if e.causal and e.causal_examples > 0:
-        causal_out = causal.run_causal_checks(ft_model, tokenizer, cfg, examples, org, methods, run_dir, device)
+        swept = causal_rankings(methods, e.causal_methods)
+        causal_out = causal.run_causal_checks(ft_model, tokenizer, cfg, examples, org, swept, run_dir, device)
 
     metrics = {
         "organism": {**org, "null": null},
