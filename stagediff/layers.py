@@ -7,7 +7,8 @@ harvest pass writes every hook's stores and each hook gets a run directory of it
 baselines, evaluation, report) run in it as in a one-hook run. The layer summary
 (RUN/layers/summary.json, RUN/report/index.html) then compares the hooks on what each
 hook's evaluation measured, and names the hook and method that remove the behaviour with
-the fewest features.
+the fewest features. Each hook's report and the index open with a layer selector: static,
+relative links, so the pages stay files that open anywhere.
 """
 
 from __future__ import annotations
