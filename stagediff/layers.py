@@ -110,10 +110,9 @@ def sibling_layers(run_dir: Path) -> list[dict[str, Any]] | None:
     """The layer selector of a hook's report (RUN/layers/<hook>/report/), its siblings read from the parent run's
     recorded hooks; None for a one-hook run (its report has no selector)."""
     parent = layer_parent(run_dir)
+    hooks = [] if parent is None else recorded_hooks(parent)
     hook = Path(run_dir).absolute().name
-    if parent is None or hook not in recorded_hooks(parent):
-        return None
-    return layer_links(report_dir(run_dir), parent, recorded_hooks(parent), hook)
+    return layer_links(report_dir(run_dir), parent, hooks, hook) if hook in hooks else None
 
 
 def layer_selector_html(links: list[dict[str, Any]] | None) -> str:
