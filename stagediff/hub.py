@@ -184,30 +184,25 @@ def push_run(run_dir: str | Path, repo_id: str, dry_run: str | Path | None = Non
 
     Each stage's folder is `<stage>/` (cfg.json, sae_weights.safetensors,
     sparsity.safetensors), so `sae_lens.SAE.from_pretrained(repo_id, stage)` and
-    `hf://repo_id/stage` load it. With `dry_run` the repository is laid out in that
-    folder and nothing is uploaded. Returns the laid-out folder.
+    `hf://repo_id/stage` load it. A several-hook run (RUN/layers/<hook>/) pushes every
+    hook's dictionaries as `<hook>/<stage>/`. With `dry_run` the repository is laid out in
+    that folder and nothing is uploaded. Returns the laid-out folder.
     """
-    from stagediff.layout import saes_dir
-    from stagediff.stages import is_control
-
     run_dir = Path(run_dir)
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
         raise StagediffError(f"{repo_id!r} is not a hub repository id: use owner/name")
-    stages = sorted(p.parent for p in saes_dir(run_dir).glob(f"*/{CFG}") if not is_control(p.parent.name))
-    if not stages:
-        raise StagediffError(f"{run_dir} holds no trained dictionaries (saes/*/cfg.json): run `stagediff train {run_dir}` first")
+    folders = pushed_folders(run_dir)
     out = Path(dry_run) if dry_run else Path(tempfile.mkdtemp(prefix="stagediff-push-"))
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for folder in stages:
-        dst = out / folder.name
-        dst.mkdir(exist_ok=True)
+    for sae_id, folder in folders.items():
+        dst = out / sae_id
+        dst.mkdir(parents=True, exist_ok=True)
         for name in (CFG, WEIGHTS, "sparsity.safetensors"):
             if (folder / name).exists():
                 shutil.copyfile(folder / name, dst / name)
         cfg = json.loads((folder / CFG).read_text())
-        meta = cfg.get("metadata") or {}
-        rows.append((folder.name, meta, cfg))
+        rows.append((sae_id, {**(cfg.get("metadata") or {}), "hook_name": read_hook(folder)}, cfg))
     (out / "README.md").write_text(model_card(repo_id, rows, run_dir))
     if dry_run:
         print(f"push: dry run, {len(rows)} dictionaries and README.md laid out in {out} (nothing uploaded)")
@@ -229,20 +224,42 @@ def push_run(run_dir: str | Path, repo_id: str, dry_run: str | Path | None = Non
     return out
 
 
+def pushed_folders(run_dir: Path) -> dict[str, Path]:
+    """{sae_id: stage folder} of what `push_run` uploads: the trained stages (not the noise controls), as `<stage>`,
+    or `<hook>/<stage>` for every hook of a several-hook run."""
+    from stagediff.layers import recorded_hooks
+    from stagediff.layout import layer_dir, saes_dir
+    from stagediff.stages import is_control
+
+    def stages(run: Path) -> dict[str, Path]:
+        found = sorted(p.parent for p in saes_dir(run).glob(f"*/{CFG}") if not is_control(p.parent.name))
+        if not found:
+            raise StagediffError(f"{run} holds no trained dictionaries (saes/*/cfg.json): run `stagediff train {run_dir}` first")
+        return {p.name: p for p in found}
+
+    hooks = recorded_hooks(run_dir)
+    if not hooks:
+        return stages(run_dir)
+    return {f"{hook}/{name}": folder for hook in hooks for name, folder in stages(layer_dir(run_dir, hook)).items()}
+
+
 def model_card(repo_id: str, rows: list[tuple[str, dict, dict]], run_dir: Path) -> str:
-    """The README.md of a pushed run: what each dictionary is, and how to load it."""
+    """The README.md of a pushed run: what each dictionary is (its hook among them), and how to load it."""
     first = rows[0][1]
+    hooks = list(dict.fromkeys(meta.get("hook_name") for _, meta, _ in rows))
+    where = (f"Hook: `{hooks[0]}`" if len(hooks) == 1 else
+             f"Hooks: {', '.join(f'`{h}`' for h in hooks)}, one folder per hook (`<hook>/<stage>`)")
     lines = ["---", "library_name: saelens", "tags: [sparse-autoencoder, model-diffing, stagediff]", "---", "",
              f"# Stage-wise model diffing dictionaries ({run_dir.name})", "",
              "Sparse autoencoders trained with [stagediff](https://pypi.org/project/stagediff/): `S` on the base model, then "
              "fine-tuned copies on the fine-tuning data (`D`), on the fine-tuned model (`M`), and on both (`F_via_D`, "
              "`F_via_M`). Features whose decoder direction rotates on both routes to F are the candidates for what "
              "fine-tuning changed.", "",
-             f"Hook: `{first.get('hook_name')}`, context size {first.get('context_size')}.", "",
-             "| sae_id | model | data | parent | architecture | d_in | d_sae |", "|---|---|---|---|---|---|---|"]
+             f"{where}, context size {first.get('context_size')}.", "",
+             "| sae_id | hook | model | data | parent | architecture | d_in | d_sae |", "|---|---|---|---|---|---|---|---|"]
     for name, meta, cfg in rows:
-        lines.append(f"| `{name}` | {meta.get('model_name')} | {meta.get('dataset_path')} | {meta.get('parent_stage') or '-'} "
-                     f"| {cfg.get('architecture')} | {cfg.get('d_in')} | {cfg.get('d_sae')} |")
+        lines.append(f"| `{name}` | `{meta.get('hook_name')}` | {meta.get('model_name')} | {meta.get('dataset_path')} "
+                     f"| {meta.get('parent_stage') or '-'} | {cfg.get('architecture')} | {cfg.get('d_in')} | {cfg.get('d_sae')} |")
     lines += ["", "Load one with SAELens or stagediff:", "", "```python", "from sae_lens import SAE", "",
               f'sae = SAE.from_pretrained("{repo_id}", "{rows[0][0]}")', "```", "",
               f"or, in a stagediff config, `stages: {{S: {{from_pretrained: hf://{repo_id}/{rows[0][0]}}}}}`.", ""]

@@ -7,7 +7,8 @@ harvest pass writes every hook's stores and each hook gets a run directory of it
 baselines, evaluation, report) run in it as in a one-hook run. The layer summary
 (RUN/layers/summary.json, RUN/report/index.html) then compares the hooks on what each
 hook's evaluation measured, and names the hook and method that remove the behaviour with
-the fewest features.
+the fewest features. Each hook's report and the index open with a layer selector: static,
+relative links, so the pages stay files that open anywhere.
 """
 
 from __future__ import annotations
@@ -18,14 +19,29 @@ import os
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from stagediff.config import Config
 from stagediff.errors import StagediffError
 from stagediff.files import atomic_write, read_json_if_exists, write_json
-from stagediff.layout import LAYERS, diff_dir, difference_of_means_json, layer_dir, layers_summary_json, metrics_json, report_html, summary_json
+from stagediff.layout import (
+    config_yaml,
+    diff_dir,
+    difference_of_means_json,
+    layer_dir,
+    layer_parent,
+    layers_summary_json,
+    metrics_json,
+    report_dir,
+    report_html,
+    summary_json,
+)
 
 SHARED = ("models", "data")  # what every hook's run reads from the run itself (the organism, its held-out data)
 SUMMARY_K = 25  # precision@k shown in the layer table (every k the evaluation scored is in summary.json)
 NOT_A_METHOD = ("oracle",)  # ranks by the labels themselves: a ceiling, never the answer to "which method"
+ABSENT = {"selected": None, "precision_at_k": {}, "ap": None, "ap_ci": None,  # a method a hook's evaluation lacks
+          "n_to_remove": None, "clean_loss_increase": None}
 
 
 def run_hooks(cfg: Config) -> list[str]:
@@ -59,6 +75,53 @@ def link_shared(run_dir: Path, hook: str) -> Path:
         if (Path(run_dir) / name).exists() and not (out / name).exists():
             os.symlink(Path("..") / ".." / name, out / name, target_is_directory=True)
     return out
+
+
+def recorded_hooks(run_dir: Path) -> list[str]:
+    """The hooks of a several-hook run as its commands resolved them (config.yaml's `_run.hooks`, written once the
+    harvest knows them; else RUN/layers/summary.json); [] for a one-hook run or a folder that is not a run."""
+    path, provenance = config_yaml(run_dir), {}
+    if path.exists():
+        try:
+            provenance = (yaml.safe_load(path.read_text()) or {}).get("_run") or {}
+        except yaml.YAMLError:  # a damaged config: the summary may still name the hooks
+            pass
+    hooks = provenance.get("hooks") or (read_json_if_exists(layers_summary_json(run_dir)) or {}).get("hooks") or []
+    return [str(h) for h in hooks] if len(hooks) > 1 else []
+
+
+# ---------------------------------------------------------------- the layer selector
+
+
+INDEX_LABEL = "all layers"  # the selector's entry for the layer index (RUN/report/index.html)
+
+
+def layer_links(page_dir: Path, run_dir: Path, hooks: list[str], current: str | None) -> list[dict[str, Any]]:
+    """The layer selector of a page in `page_dir`: the layer index, then each hook's report, as links relative to the
+    page (so the files open from anywhere, with no server); `current` (a hook, or None for the index) is marked."""
+    def href(page: Path) -> str:
+        return Path(os.path.relpath(Path(page).absolute(), Path(page_dir).absolute())).as_posix()
+
+    index = {"label": INDEX_LABEL, "href": href(report_html(run_dir)), "current": current is None}
+    return [index] + [{"label": h, "href": href(report_html(layer_dir(run_dir, h))), "current": h == current} for h in hooks]
+
+
+def sibling_layers(run_dir: Path) -> list[dict[str, Any]] | None:
+    """The layer selector of a hook's report (RUN/layers/<hook>/report/), its siblings read from the parent run's
+    recorded hooks; None for a one-hook run (its report has no selector)."""
+    parent = layer_parent(run_dir)
+    hooks = [] if parent is None else recorded_hooks(parent)
+    hook = Path(run_dir).absolute().name
+    return layer_links(report_dir(run_dir), parent, hooks, hook) if hook in hooks else None
+
+
+def layer_selector_html(links: list[dict[str, Any]] | None) -> str:
+    """The selector as a static <nav> (works without scripts); '' without links."""
+    if not links:
+        return ""
+    items = "".join(f'<a href="{html.escape(x["href"])}"' + (' class="current" aria-current="page"' if x["current"] else "")
+                    + f">{html.escape(x['label'])}</a>" for x in links)
+    return f'<nav class="layerbar" id="layers" aria-label="layers"><span>layer</span>{items}</nav>'
 
 
 # ---------------------------------------------------------------- the layer summary
@@ -117,7 +180,8 @@ def layer_table(summary: dict[str, Any]) -> list[list[str]]:
     k = str(summary.get("k", SUMMARY_K))
     rows = [["hook", "method", "selected", f"p@{k} [95% CI]", "AP [95% CI]", "N to remove", "clean-loss cost"]]
     for layer in summary["layers"]:
-        for name, m in layer["methods"].items():
+        for name in table_methods(summary):  # every method of any hook (diff-SAE, crosscoder, ...) at every hook
+            m = layer["methods"].get(name) or ABSENT
             at = m["precision_at_k"].get(k) or {}
             rows.append([layer["hook"], name, _num(m["selected"], "{:.0f}"), _with_ci(at.get("precision"), at.get("ci")),
                          _with_ci(m["ap"], m["ap_ci"]), _num(m["n_to_remove"], "{:g}"), _num(m["clean_loss_increase"], "{:+.3f}")])
@@ -126,6 +190,18 @@ def layer_table(summary: dict[str, Any]) -> list[list[str]]:
             rows.append([layer["hook"], "difference of means (1 direction)", "", "", "", f"ts {_num(dom['trigger_success'], '{:.2f}')}",
                          _num(dom["clean_loss_increase"], "{:+.3f}")])
     return rows
+
+
+def table_methods(summary: dict[str, Any]) -> list[str]:
+    """The methods any hook's evaluation scored, in the order they first appear: a method a hook lacks (a baseline
+    that did not run there) still gets its row, of dashes, rather than vanishing from the table."""
+    return list(dict.fromkeys(n for layer in summary["layers"] for n in layer["methods"]))
+
+
+def plotted_methods(summary: dict[str, Any]) -> list[str]:
+    """The methods of the layer figure: every method but the oracle (labels, not a method) and the stage-wise
+    selection variants (one line for stage-wise)."""
+    return [n for n in table_methods(summary) if n not in NOT_A_METHOD and not n.startswith("stagewise_")]
 
 
 def describe_fewest(summary: dict[str, Any]) -> str:
@@ -141,16 +217,20 @@ def write_layers_index(run_dir: Path, summary: dict[str, Any]) -> Path:
     rows = layer_table(summary)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-    links = "".join(f'<li><a href="../{LAYERS}/{html.escape(h)}/report/index.html">{html.escape(h)}</a>: '
-                    f"{_num(layer['selected'], '{:.0f}')} of {_num(layer['live'], '{:.0f}')} live features selected</li>"
-                    for h, layer in zip(summary["hooks"], summary["layers"]))
     page = report_html(run_dir)
+    selector = layer_links(page.parent, run_dir, summary["hooks"], None)
+    links = "".join(f'<li><a href="{html.escape(x["href"])}">{html.escape(x["label"])}</a>: '
+                    f"{_num(layer['selected'], '{:.0f}')} of {_num(layer['live'], '{:.0f}')} live features selected</li>"
+                    for x, layer in zip(selector[1:], summary["layers"]))
     figure = write_layers_figure(page.parent / "layers.png", summary)
     img = f'<p><img src="{figure.name}" style="max-width:100%"></p>' if figure else ""
     with atomic_write(page, "w") as f:
         f.write(f"""<!doctype html><html><head><meta charset="utf-8"><title>stagediff layers — {html.escape(Path(run_dir).resolve().name)}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:80em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:left}}th{{background:#f4f4f4}}</style></head><body>
+td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:left}}th{{background:#f4f4f4}}
+.layerbar{{display:flex;flex-wrap:wrap;gap:.4em;align-items:center}}.layerbar a{{padding:.15em .5em;border:1px solid #ccc;border-radius:4px}}
+.layerbar a.current{{background:#17202a;color:#fff}}</style></head><body>
+{layer_selector_html(selector)}
 <h1>stagediff: {len(summary['hooks'])} hooks</h1>
 <p>Each hook is a run of its own (stage-wise diff, baselines, evaluation): open its report below.
 <b>{html.escape(describe_fewest(summary))}</b>.</p>
@@ -173,8 +253,7 @@ def write_layers_figure(path: Path, summary: dict[str, Any]) -> Path | None:
     from stagediff.files import atomic_path
 
     hooks, k = summary["hooks"], str(summary.get("k", SUMMARY_K))
-    names = list(dict.fromkeys(n for layer in summary["layers"] for n in layer["methods"]
-                               if n not in NOT_A_METHOD and not n.startswith("stagewise_")))  # selection variants: one line
+    names = plotted_methods(summary)
     if not names:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"wspace": 0.3})

@@ -142,6 +142,12 @@ def layer_dir(run_dir: Path, hook: str) -> Path:
     return layers_dir(run_dir) / hook
 
 
+def layer_parent(run_dir: Path) -> Path | None:
+    """The several-hook run that a hook's run directory (RUN/layers/<hook>/) belongs to; None for any other run."""
+    run_dir = Path(run_dir).absolute()
+    return run_dir.parent.parent if run_dir.parent.name == LAYERS else None
+
+
 def layers_summary_json(run_dir: Path) -> Path:
     """The layer summary of a several-hook run (layers.py)."""
     return layers_dir(run_dir) / SUMMARY_JSON

@@ -18,6 +18,7 @@ from typing import Any
 from stagediff.config import Config
 from stagediff.errors import StagediffError
 from stagediff.files import atomic_write, write_json
+from stagediff.layers import layer_selector_html
 from stagediff.layout import report_dir, report_html, top_tokens_json
 from stagediff.report.cards import build_cards, card_features
 from stagediff.report.data import gather
@@ -74,7 +75,9 @@ def render_html(data: dict[str, Any]) -> str:
     blob = json.dumps(_finite(data), separators=(",", ":"), allow_nan=False, default=str)
     blob = blob.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     title = data.get("title", "stagediff report").replace("&", "&amp;").replace("<", "&lt;")
-    return template.replace("{{TITLE}}", title).replace("/*{{CSS}}*/", css).replace("/*{{JS}}*/", js).replace("{{DATA}}", blob)
+    # the layer selector is static HTML (a hook's report in a several-hook run; empty otherwise)
+    return (template.replace("{{TITLE}}", title).replace("{{LAYERS}}", layer_selector_html(data.get("layers")))
+            .replace("/*{{CSS}}*/", css).replace("/*{{JS}}*/", js).replace("{{DATA}}", blob))
 
 
 def _finite(obj: Any) -> Any:

@@ -21,6 +21,7 @@ from stagediff.diff import load_frequency
 from stagediff.errors import StagediffError
 from stagediff.features import cos_column, read_features
 from stagediff.files import read_json_if_exists
+from stagediff.layers import sibling_layers
 from stagediff.layout import (
     adl_json,
     config_yaml,
@@ -91,6 +92,7 @@ def gather(run_dir: Path, cfg: Config) -> dict[str, Any]:
         "adl": read_json_if_exists(adl_json(run_dir)),  # meandiff step: Activation Difference Lens
         "difference_of_means": read_json_if_exists(difference_of_means_json(run_dir)),  # meandiff step, generated
         "generations": _generations(generations_jsonl(run_dir)),
+        "layers": sibling_layers(run_dir),  # a hook of a several-hook run: the layer selector's links; else None
     }
 
 
