@@ -197,7 +197,8 @@ def train_together(run: Run, steps: tuple[str, ...]) -> None:
     alone = bool(trackers and trackers.hook("S")) or distributed.world_size() > 1
     workers = 1 if alone else (cfg.workers or auto_workers(run.device))
     jobs = training_jobs(run, steps, trackers)
-    run_jobs(jobs, min(workers, max(1, len(jobs))), spec=lambda unit: (cfg, run.dir, unit), folder=steps_dir(run.dir) / "jobs")
+    run_jobs(jobs, min(workers, max(1, len(jobs))), spec=lambda unit: {"config": to_dict(cfg), "run_dir": str(run.dir), "unit": unit},
+             folder=steps_dir(run.dir) / "jobs")
     if trackers:
         trackers.close()
 
@@ -222,9 +223,13 @@ def training_jobs(run: Run, steps: tuple[str, ...], trackers=None) -> list:
     return jobs
 
 
-def job_work(cfg: Config, run_dir: Path, unit: str) -> Callable[[], None]:
-    """The training of `unit` ("train/<stage>", "crosscoder", "diffsae") of the run in `run_dir`: what a worker process runs."""
-    run = Run(cfg, run_dir)
+def job_work(spec: dict) -> Callable[[], None]:
+    """The training of one unit ("train/<stage>", "crosscoder", "diffsae") of a run, as `train_together` handed it to
+    a worker process: {"config": the resolved config, "run_dir", "unit"}."""
+    from stagediff.config import load_config
+
+    cfg, unit = load_config(None, base=spec["config"]), spec["unit"]
+    run = Run(cfg, spec["run_dir"])
     if unit.startswith("train/"):
         stage = next(s for s in resolve_stages(cfg) if s.name == unit.split("/", 1)[1])
         return partial(train_stage, run, stage, None)

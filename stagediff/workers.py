@@ -9,15 +9,14 @@ so `run_jobs` trains them in `workers` processes of cores / workers threads each
 soon as the units it needs are done, the one heading the most remaining work first.
 
 Plain subprocesses, as the organism's fine-tunes (nothing depends on how the caller's main module
-is guarded): each worker gets its unit in a job file (the pickled run config) and leaves a result
-file. The main process keeps the run's records: it marks a unit started before handing it out and
+is guarded): each worker gets its unit in a job file (the run's resolved config as JSON) and leaves a
+result file. The main process keeps the run's records: it marks a unit started before handing it out and
 done once its worker succeeded, so an interrupted run resumes exactly as a sequential one does.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -56,12 +55,11 @@ def auto_workers(device: Any, cores: int | None = None) -> int:
     return max(1, min(cores, MAX_AUTO_WORKERS))
 
 
-def run_jobs(jobs: list[Job], workers: int, spec: Callable[[str], Any], folder: Path) -> None:
+def run_jobs(jobs: list[Job], workers: int, spec: Callable[[str], dict], folder: Path | None) -> None:
     """Run every job once its needs are done, at most `workers` at a time: in this process when `workers`
-    is 1, else each in a fresh worker process that calls `spec(unit)`'s work (see `worker_main`).
-
-    `spec(unit)` is what a worker needs to rebuild the job's work (picklable); `folder` holds the job
-    and result files while they run. A failure stops the other workers and raises its error here.
+    is 1, else in worker processes, which rebuild a job's work from `spec(unit)` (a JSON-able dict, read
+    by `pipeline.job_work`). `folder` holds the job and result files while they run. A failure stops the
+    other workers and raises its error here.
     """
     if workers <= 1:
         for job in _order(jobs):
@@ -118,10 +116,9 @@ class Worker:
         self.folder, self.threads, self.unit, self.result = folder, threads, "", Path()
         self.proc = subprocess.Popen([sys.executable, "-m", "stagediff.workers", str(threads)], env=env, stdin=subprocess.PIPE, text=True)
 
-    def give(self, unit: str, spec: Any) -> None:
-        job = self.folder / f"{unit.replace('/', '__')}.job"
-        with open(job, "wb") as f:
-            pickle.dump(spec, f)
+    def give(self, unit: str, spec: dict) -> None:
+        job = self.folder / f"{unit.replace('/', '__')}.job.json"
+        write_json(job, spec)
         self.unit, self.result = unit, Path(f"{job}.done")
         self.proc.stdin.write(f"{job}\n")
         self.proc.stdin.flush()
@@ -193,11 +190,10 @@ def worker_main(threads: int) -> None:
 
     for line in sys.stdin:
         job_path = line.strip()
-        with open(job_path, "rb") as f:
-            spec = pickle.load(f)
+        spec = read_json(job_path)
         t = time.time()
         try:
-            job_work(*spec)()
+            job_work(spec)()
         except StagediffError as e:
             write_json(job_path + ".done", {"error": str(e), "user_error": True})
             continue
