@@ -286,6 +286,15 @@ def residuals(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
                 lambda m, args, kwargs, grab=grab: grab(_hidden_arg(args, kwargs)), with_kwargs=True))
         else:
             handles.append(layers[layer].register_forward_hook(lambda m, args, out, grab=grab: grab(_first(out))))
+    _forward_to_stop(model, input_ids, attention_mask, handles)
+    missing = [h for h in hooks if h not in captured]
+    if missing:
+        raise StagediffError(f"hook {missing[0]} never ran in {type(model).__name__}: the model skipped its decoder layer {sites[missing[0]][0]}")
+    return captured
+
+
+def _forward_to_stop(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, handles: list) -> None:
+    """A forward that a capture hook may end early (`_Stop`); the hooks are removed however it ends."""
     try:
         with torch.no_grad():
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -294,10 +303,6 @@ def residuals(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     finally:
         for handle in handles:
             handle.remove()
-    missing = [h for h in hooks if h not in captured]
-    if missing:
-        raise StagediffError(f"hook {missing[0]} never ran in {type(model).__name__}: the model skipped its decoder layer {sites[missing[0]][0]}")
-    return captured
 
 
 def all_hooks(n_layers: int) -> list[str]:
@@ -349,14 +354,7 @@ def capture_prefix(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
         got["out"] = out
         raise _Stop
 
-    handle = decoder_layers(model)[last].register_forward_hook(grab)
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    _forward_to_stop(model, input_ids, attention_mask, [decoder_layers(model)[last].register_forward_hook(grab)])
     return Prefix(got["out"])
 
 
