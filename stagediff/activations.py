@@ -363,18 +363,19 @@ class _Rows:
         parts: list[torch.Tensor] = []
         have = 0
         while True:
-            for rows in self._epoch(seed, epoch, skip, buffer_rows):
-                while len(rows):
-                    take = min(batch_size - have, len(rows))
-                    parts.append(rows[:take])
-                    rows, have = rows[take:], have + take
+            for rows, order in self._epoch(seed, epoch, skip, buffer_rows):
+                at = 0
+                while at < len(order):
+                    take = min(batch_size - have, len(order) - at)
+                    parts.append(rows[order[at : at + take]])  # the batch's rows gathered straight from the group
+                    at, have = at + take, have + take
                     if have == batch_size:
-                        yield torch.cat(parts).to(device, non_blocking=True)
+                        yield (parts[0] if len(parts) == 1 else torch.cat(parts)).to(device, non_blocking=True)
                         parts, have = [], 0
             epoch, skip = epoch + 1, 0
 
-    def _epoch(self, seed: int, epoch: int, skip: int, buffer_rows: int) -> Iterator[torch.Tensor]:
-        """The shuffled rows of one epoch from row `skip` on, one shard group at a time."""
+    def _epoch(self, seed: int, epoch: int, skip: int, buffer_rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch from row `skip` on, one shard group at a time: the group's rows and the shuffled order to read them in."""
         order = np.random.default_rng([seed % 2**63, epoch]).permutation(len(self.sizes))
         groups: list[list[int]] = [[]]
         for i in order:
@@ -386,10 +387,18 @@ class _Rows:
             n = sum(self.sizes[i] for i in group)
             if start + n > skip:
                 release_memory()  # give back what the groups read so far freed, before the next one is read
-                rows = torch.cat([self._load(i) for i in group])
+                rows = torch.empty(n, self.d_in)
+                at = 0
+                for i in group:  # each shard read straight into its place in the group
+                    self._load_into(i, rows[at : at + self.sizes[i]])
+                    at += self.sizes[i]
                 perm = torch.from_numpy(np.random.default_rng([seed % 2**63, epoch, g]).permutation(n))
-                yield rows[perm[max(0, skip - start):]]
+                yield rows, perm[max(0, skip - start):]
             start += n
+
+    def _load_into(self, i: int, out: torch.Tensor) -> None:
+        """Shard i's rows into `out` [rows, d_in]."""
+        out.copy_(self._load(i))
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) in store order, as float32."""
@@ -489,3 +498,7 @@ class PairedStore(_Rows):
 
     def _load(self, i: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         return torch.cat([self.a._load(i, lo, hi), self.b._load(i, lo, hi)], dim=1)
+
+    def _load_into(self, i: int, out: torch.Tensor) -> None:
+        self.a._load_into(i, out[:, : self.a.d_in])
+        self.b._load_into(i, out[:, self.a.d_in :])

@@ -171,11 +171,10 @@ def latent_scaling(sae: SAE, rows: Iterator[Tensor], d_base: int, max_rows: int 
     for x in rows:
         x = x[: max_rows - seen].to(W.device)
         f = sae.encode(x)
-        err = (x - sae.decode(f)).double()
-        f = f.double()
-        fe["base"] += f.T @ err[:, :d_base]
-        fe["ft"] += f.T @ err[:, d_base:]
-        f2 += f.pow(2).sum(0)
+        err = x - sae.decode(f)
+        fe["base"] += (f.T @ err[:, :d_base]).double()  # fp32 products per batch, summed over batches in fp64
+        fe["ft"] += (f.T @ err[:, d_base:]).double()
+        f2 += f.double().pow(2).sum(0)
         seen += len(x)
         if seen >= max_rows:
             break

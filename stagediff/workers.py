@@ -77,6 +77,8 @@ def run_jobs(jobs: list[Job], workers: int, spec: Callable[[str], dict], folder:
     idle: list[Worker] = []
     busy: dict[str, tuple[Worker, str]] = {}  # unit -> (its worker, its fingerprint)
     started: list[Worker] = []
+    took: dict[str, float] = {}
+    t0 = time.time()
     try:
         while pending or busy:
             for job in _ready(pending, busy, workers):
@@ -100,10 +102,15 @@ def run_jobs(jobs: list[Job], workers: int, spec: Callable[[str], dict], folder:
                     del busy[unit]
                     by_unit[unit].end(fp)
                     idle.append(worker)
+                    took[unit] = worker.seconds
     finally:
         for worker in started:
             worker.close()
         shutil.rmtree(folder, ignore_errors=True)
+    if took:  # the progress bars of several processes interleave: one line says what ran
+        longest = ", ".join(f"{u} {t:.0f} s" for u, t in sorted(took.items(), key=lambda kv: -kv[1])[:4])
+        print(f"trained {len(took)} units in {len(started)} processes of {threads} thread{'s' * (threads > 1)}: "
+              f"{time.time() - t0:.0f} s wall, {sum(took.values()):.0f} s of work (longest: {longest})", flush=True)
 
 
 class Worker:
@@ -113,7 +120,7 @@ class Worker:
         root = str(Path(__file__).resolve().parents[1])  # this stagediff, installed or not
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                "STAGEDIFF_BAR_POSITION": str(slot)}  # one progress line per worker on a terminal
-        self.folder, self.threads, self.unit, self.result = folder, threads, "", Path()
+        self.folder, self.threads, self.unit, self.result, self.seconds = folder, threads, "", Path(), 0.0
         self.proc = subprocess.Popen([sys.executable, "-m", "stagediff.workers", str(threads)], env=env, stdin=subprocess.PIPE, text=True)
 
     def give(self, unit: str, spec: dict) -> None:
@@ -128,6 +135,7 @@ class Worker:
         if self.result.exists():
             info = read_json(self.result)
             if "error" not in info:
+                self.seconds = float(info["seconds"])
                 return True
             if info.get("user_error"):
                 raise StagediffError(info["error"])

@@ -195,18 +195,25 @@ def follows(model: Any, probe: Probe, hook: str | None = None, edit: Callable[[t
     """Per row: would greedy decoding write the whole target? `edit(where)` builds the splice for a batch.
 
     Spliced forwards start from the residual at the hook, captured once per batch of the probe (the layers
-    before it give the same output under every edit): the same answers for a fraction of the cost.
+    before it give the same output under every edit), and the output layer runs at the checked positions
+    only (a few of each row; on the tiny organism it is a third of what runs past the hook): the same
+    answers for a fraction of the cost.
     """
     from stagediff.models import capture_prefix, from_prefix, splice
 
     device = next(model.parameters()).device
+    head = model.get_output_embeddings()
     out = []
     for s in range(0, probe.ids.shape[0], batch_size):
         sl = slice(s, s + batch_size)
         ids, att, tgt = probe.ids[sl].to(device), probe.attention[sl].to(device), probe.target[sl].to(device)
+        checked = tgt >= 0
 
-        def forward():
-            return model(input_ids=ids, attention_mask=att.long(), use_cache=False).logits.argmax(-1)  # noqa: B023 (called in this iteration)
+        def forward():  # greedy tokens at the checked positions (-1 elsewhere)
+            hidden = model.base_model(input_ids=ids, attention_mask=att.long(), use_cache=False).last_hidden_state  # noqa: B023
+            pred = torch.full_like(tgt, -1)  # noqa: B023
+            pred[checked] = head(hidden[checked]).argmax(-1)  # noqa: B023 (called in this iteration)
+            return pred
 
         if edit is None:
             pred = forward()
@@ -216,7 +223,6 @@ def follows(model: Any, probe: Probe, hook: str | None = None, edit: Callable[[t
                 probe.prefixes[key] = capture_prefix(model, ids, att.long(), hook)
             with from_prefix(model, hook, probe.prefixes[key]), splice(model, hook, edit(probe.after[sl] if positional else None)):
                 pred = forward()
-        checked = tgt >= 0
         ok = ((pred == tgt) | ~checked).all(-1) & checked.any(-1)
         out.append(ok.cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, bool)
