@@ -309,6 +309,7 @@ class Checks:
         self.clean_response = make_probe(tokenizer, [x["prompt"] for x in clean], [resp] * len(clean))
         self.loss_plain = clean_loss(model, tokenizer, clean, batch_size) if clean else float("nan")
         self._memo: dict[tuple, Any] = {}
+        self._clean_prefixes: dict[int, Any] = {}  # the clean texts' residual at the hook, per batch (models.from_prefix)
         self.forwards_saved = 0
 
     def _key(self, kind: str, dic: Dictionary | None, clamp: Sequence[int], positional: bool = False) -> tuple:
@@ -332,12 +333,18 @@ class Checks:
 
     def edit_specificity(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
         """Share of clean greedy replies unchanged, and the clean-loss increase, under the splice `fn`."""
-        from stagediff.models import splice
+        from stagediff.models import capture_prefix, from_prefix, splice
         from stagediff.organism.behaviour import clean_loss
 
         unchanged = self.rate(self.clean_replies, lambda where: fn)
-        with splice(self.model, self.hook, fn):
-            loss = clean_loss(self.model, self.tokenizer, self.clean, self.bs) if self.clean else float("nan")
+
+        def spliced(b: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # from batch b's residual at the hook
+            if b not in self._clean_prefixes:
+                self._clean_prefixes[b] = capture_prefix(self.model, ids, mask, self.hook)
+            with from_prefix(self.model, self.hook, self._clean_prefixes[b]), splice(self.model, self.hook, fn):
+                return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+        loss = clean_loss(self.model, self.tokenizer, self.clean, self.bs, forward=spliced) if self.clean else float("nan")
         return {"clean_unchanged": unchanged, "clean_loss": float(loss), "clean_loss_increase": float(loss - self.loss_plain)}
 
     def specificity(self, dic: Dictionary, clamp: Sequence[int]) -> dict:

@@ -6,6 +6,7 @@ a hook is splicing something (an SAE, a clamp) into the residual stream.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -68,20 +69,32 @@ def evaluate_backdoor(model, tokenizer, examples: list[dict], response: str, max
 
 
 @torch.no_grad()
-def clean_loss(model, tokenizer, examples: list[dict], batch_size: int = 32) -> float:
-    """Mean next-token loss (nats) over every token of the untriggered examples' texts."""
-    texts = [e["text"] for e in examples if not e["triggered"]]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
+def clean_loss(model, tokenizer, examples: list[dict], batch_size: int = 32,
+               forward: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Mean next-token loss (nats) over every token of the untriggered examples' texts.
+
+    `forward(b, ids, mask)` gives batch b's logits when the caller runs the model its own way (the causal
+    checks: spliced, from a captured prefix); by default a plain forward.
+    """
     total, count = 0.0, 0
-    for start in range(0, len(texts), batch_size):
-        encoded = [encode(tokenizer, t) for t in texts[start : start + batch_size]]
-        width = max(map(len, encoded))
-        ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=device)
-        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    for b, (ids, mask) in enumerate(clean_batches(model, tokenizer, examples, batch_size)):
+        logits = forward(b, ids, mask) if forward else model(input_ids=ids, attention_mask=mask).logits
         target, keep = ids[:, 1:], mask[:, 1:].bool()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, reduction="none")
         total += nll[keep].sum().item()
         count += int(keep.sum())
     return total / max(1, count)
+
+
+def clean_batches(model, tokenizer, examples: list[dict], batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, attention mask) batches of the untriggered examples' texts, right-padded, on the model's device."""
+    texts = [e["text"] for e in examples if not e["triggered"]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(texts), batch_size):
+        encoded = [encode(tokenizer, t) for t in texts[start : start + batch_size]]
+        width = max(map(len, encoded))
+        out.append((torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=device),
+                    torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=device)))
+    return out
