@@ -48,7 +48,7 @@ PRESETS: dict[str, dict] = {
 
 # wall time from an empty cache on two idle CPU cores (README, `python benchmarks/bench_demo.py --fresh-cache`;
 # how each was measured: docs/MEASUREMENTS.md)
-EXPECTED_MINUTES = {"tiny": 7, "smollm2": 45}
+EXPECTED_MINUTES = {"tiny": 5, "smollm2": 45}
 
 
 def demo_config(preset: str = "tiny", overrides: list[str] | None = None) -> Config:

@@ -60,6 +60,9 @@ CONSECUTIVE_CHECKS = 3
 # backdoor that has not taken is under-trained on its few triggered examples (the clean task
 # converges long before); a higher rate gives each of their views a larger step.
 EXTENSION = {"steps": 1.0, "lr": 1.5}
+# part of the cache key: bumped whenever the fine-tune's numerics change (2: answer-only output layer, fused Adam),
+# so a cache never serves an organism that today's code would not build
+BUILD_VERSION = 2
 
 
 def build_organism(cfg: Config, run_dir: Path) -> dict:
@@ -81,7 +84,7 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
     stopping = {"validation": VALIDATION_PAIRS, "checks": CHECKS_PER_BUDGET, "min_every": MIN_CHECK_EVERY,
                 "consecutive": CONSECUTIVE_CHECKS, "extension": EXTENSION}
     key = fingerprint({"organism": settings, "recipe": _recipe(org.preset), "seed": cfg.seed, "heldout": cfg.eval.examples,
-                       "stopping": stopping})
+                       "stopping": stopping, "build": BUILD_VERSION})
     done = organism_json(run_dir)
     if not (done.exists() and read_json(done).get("fingerprint") == key):
         cached = cache_dir() / "organisms" / f"{org.preset}-{key}"
