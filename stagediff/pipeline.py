@@ -191,6 +191,8 @@ def train_together(run: Run, steps: tuple[str, ...]) -> None:
     from stagediff.workers import auto_workers, run_jobs
 
     cfg = run.cfg
+    if cfg.workers < 0:
+        raise StagediffError(f"workers={cfg.workers}: use 0 (one process per CPU core, up to 4) or a number of processes >= 1")
     apply_expansion_factor(run)
     # wandb / tensorboard mirror each record from this process, and torchrun ranks train each unit together: one at a time here
     trackers = Trackers(cfg.log, run.dir, to_dict(cfg)) if distributed.is_main() and "train" in steps else None

@@ -40,3 +40,11 @@ def test_auto_workers():
     assert auto_workers("cpu", cores=1) == 1
     assert auto_workers("cpu", cores=64) == 4
     assert auto_workers("cuda", cores=64) == 1
+
+
+def test_a_negative_worker_count_is_named(tmp_path):
+    from stagediff.config import load_config
+    from stagediff.pipeline import Run, step_train
+
+    with pytest.raises(StagediffError, match=r"workers=-2: use 0"):
+        step_train(Run(load_config(overrides=["workers=-2", "device=cpu"]), tmp_path))
