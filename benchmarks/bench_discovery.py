@@ -102,7 +102,7 @@ def backdoor_in_features(run_dir: Path, prompts: int = 100) -> dict:
     (eval/metrics.json) clamped. The same probes and splice as the evaluation's causal checks (causal.Checks).
     """
     from stagediff.config import load_config
-    from stagediff.evaluate.causal import Checks, Dictionary
+    from stagediff.evaluate.causal import Checks, Dictionary, causal_prompts
     from stagediff.evaluate.run import F_STAGES, organism_info, read_heldout
     from stagediff.files import read_json
     from stagediff.layout import config_yaml, metrics_json, model_dir, stage_dir
@@ -114,9 +114,7 @@ def backdoor_in_features(run_dir: Path, prompts: int = 100) -> dict:
     device = resolve_device(cfg.device)
     # the run's own copy of the model: a reused run directory's config may still name its source's path
     model, tokenizer = load_model(str(model_dir(run_dir, "finetuned")), device=device, dtype=resolve_dtype(cfg.harvest.model_dtype, device))
-    examples = read_heldout(run_dir, cfg.eval.examples)
-    triggered = [x for x in examples if x.get("triggered")][:prompts]
-    clean = [x for x in examples if not x.get("triggered")][:prompts]  # Checks lays out clean probes too (unused here)
+    _, triggered, clean, _ = causal_prompts(read_heldout(run_dir, cfg.eval.examples), prompts)  # the causal checks' own prompts
     checks = Checks(model, tokenizer, cfg.hook, triggered, clean, organism_info(run_dir, cfg)["response"], cfg.eval.reply_tokens,
                     cfg.harvest.batch_size)
     relevant = [int(i) for i in read_json(metrics_json(run_dir))["labels"]["relevant_features"]]

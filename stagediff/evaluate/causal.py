@@ -382,6 +382,14 @@ def _sweep(checks: Checks, dic: Dictionary, ranking: np.ndarray, sizes: list[int
 
 
 @torch.no_grad()
+def causal_prompts(examples: list[dict], n: int) -> tuple[list[dict], list[dict], list[dict], set]:
+    """The held-out examples the causal checks read: the first `n` whole matched pairs (each prompt with and without
+    the trigger), in file order -> (chosen, their triggered copies, their clean copies, the pair ids)."""
+    pairs = set(list(dict.fromkeys(x.get("pair", i) for i, x in enumerate(examples)))[:n])
+    chosen = [x for i, x in enumerate(examples) if x.get("pair", i) in pairs]
+    return chosen, [x for x in chosen if x.get("triggered")][:n], [x for x in chosen if not x.get("triggered")][:n], pairs
+
+
 def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict], org: dict, methods: dict,
                       run_dir: Path, device: Any) -> dict:
     """The `causal` section of eval/metrics.json: controls, clamp sweeps of every method, N to remove, steering.
@@ -415,11 +423,7 @@ def run_causal_checks(model: Any, tokenizer: Any, cfg: Any, examples: list[dict]
         from stagediff.diffsae import load_base_mean
 
         dics["diffsae"] = Dictionary(SAE.load(diffsae_dir(run_dir)).to(device), shift=load_base_mean(run_dir))
-    # whole matched pairs (each prompt with and without the trigger), in file order
-    pairs = set(list(dict.fromkeys(x.get("pair", i) for i, x in enumerate(examples)))[: e.causal_examples])
-    chosen = [x for i, x in enumerate(examples) if x.get("pair", i) in pairs]
-    triggered = [x for x in chosen if x.get("triggered")][: e.causal_examples]
-    clean = [x for x in chosen if not x.get("triggered")][: e.causal_examples]
+    chosen, triggered, clean, pairs = causal_prompts(examples, e.causal_examples)
     checks = Checks(model, tokenizer, cfg.hook, triggered, clean, org["response"], e.reply_tokens, cfg.harvest.batch_size)
     table = read_features(features_csv(diff_dir(run_dir)))
     freq_col = f"freq_{e.causal_stage}"
