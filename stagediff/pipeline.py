@@ -196,7 +196,7 @@ def train_together(run: Run, steps: tuple[str, ...]) -> None:
     apply_expansion_factor(run)
     # wandb / tensorboard mirror each record from this process, and torchrun ranks train each unit together: one at a time here
     trackers = Trackers(cfg.log, run.dir, to_dict(cfg)) if distributed.is_main() and "train" in steps else None
-    alone = bool(trackers and trackers.hook("S")) or distributed.world_size() > 1
+    alone = bool(trackers and trackers.active) or distributed.world_size() > 1
     workers = 1 if alone else (cfg.workers or auto_workers(run.device))
     jobs = training_jobs(run, steps, trackers)
     run_jobs(jobs, min(workers, max(1, len(jobs))), spec=lambda unit: {"config": to_dict(cfg), "run_dir": str(run.dir), "unit": unit},

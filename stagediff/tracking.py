@@ -39,11 +39,14 @@ class Trackers:
             self._tensorboard = SummaryWriter(log_dir=str(Path(cfg.tensorboard).expanduser()))
         self._stages: set[str] = set()
 
+    @property
+    def active(self) -> bool:
+        """True when a tracker (wandb, TensorBoard) is set."""
+        return self._wandb is not None or self._tensorboard is not None
+
     def hook(self, stage: str) -> Callable[[dict], None] | None:
         """The `on_record` callback of `stage`'s training (None when no tracker is set)."""
-        if self._wandb is None and self._tensorboard is None:
-            return None
-        return functools.partial(self.record, stage)
+        return functools.partial(self.record, stage) if self.active else None
 
     def record(self, stage: str, rec: dict) -> None:
         """Mirror one train_log.jsonl record (its numbers) of `stage`."""
