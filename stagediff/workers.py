@@ -81,10 +81,12 @@ def run_jobs(jobs: list[Job], workers: int, spec: Callable[[str], dict], folder:
     t0 = time.time()
     try:
         while pending or busy:
+            skipped = False
             for job in _ready(pending, busy, workers):
                 del pending[job.unit]
                 fp = job.begin()
-                if fp is None:
+                if fp is None:  # done already: the units that need it may be ready now
+                    skipped = True
                     continue
                 if not idle:  # a process is started once and takes unit after unit (python + torch load once)
                     started.append(Worker(folder, len(started), threads))
@@ -93,9 +95,12 @@ def run_jobs(jobs: list[Job], workers: int, spec: Callable[[str], dict], folder:
                 worker.give(job.unit, spec(job.unit))
                 busy[job.unit] = (worker, fp)
             if not busy:
-                if pending:  # nothing runs and nothing can start: a need outside the graph
-                    raise StagediffError(f"cannot order {sorted(pending)}: they need units that are not part of this run")
-                break
+                if not pending:
+                    break
+                if skipped:
+                    continue
+                # nothing runs and nothing can start: a need outside the graph
+                raise StagediffError(f"cannot order {sorted(pending)}: they need units that are not part of this run")
             time.sleep(0.05)
             for unit, (worker, fp) in list(busy.items()):
                 if worker.finished():

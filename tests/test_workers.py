@@ -26,10 +26,14 @@ def test_one_worker_runs_each_unit_after_its_needs_longest_remaining_work_first(
     assert log[:3] == ["S", "crosscoder", "diffsae"]
 
 
-def test_finished_units_are_skipped_and_a_need_outside_the_run_is_named():
+def test_finished_units_are_skipped_and_a_need_outside_the_run_is_named(tmp_path):
     log: list[str] = []
     run_jobs(_graph(log, done={"S", "crosscoder"}), 1, spec=lambda u: u, folder=None)
     assert "S" not in log and "crosscoder" not in log and len(log) == 7
+    # several workers, a resumed run where everything is done: each skip frees the units that need it, no process starts
+    everything = {j.unit for j in _graph([])}
+    run_jobs(_graph(log, done=everything), 2, spec=lambda u: u, folder=tmp_path / "jobs")
+    assert len(log) == 7 and not (tmp_path / "jobs").exists()
     orphan = [Job("F", ("E",), 1.0, begin=lambda: "fp", work=lambda: None), Job("E", ("F",), 1.0, begin=lambda: "fp", work=lambda: None)]
     with pytest.raises(StagediffError, match="cannot order"):
         run_jobs(orphan, 1, spec=lambda u: u, folder=None)
