@@ -298,7 +298,7 @@ class Checks:
 
     def __init__(self, model: Any, tokenizer: Any, hook: str, triggered: list[dict], clean: list[dict], response: str,
                  reply_tokens: int, batch_size: int):
-        from stagediff.organism.behaviour import clean_loss
+        from stagediff.organism.behaviour import batches_loss, clean_batches
 
         self.model, self.tokenizer, self.hook, self.clean, self.bs = model, tokenizer, hook, clean, batch_size
         resp = tokenizer(" " + response.strip(), add_special_tokens=False)["input_ids"]
@@ -307,7 +307,9 @@ class Checks:
         replies = greedy_tokens(model, tokenizer, [x["prompt"] for x in clean], reply_tokens, batch_size)  # cached once
         self.clean_replies = make_probe(tokenizer, [x["prompt"] for x in clean], replies)
         self.clean_response = make_probe(tokenizer, [x["prompt"] for x in clean], [resp] * len(clean))
-        self.loss_plain = clean_loss(model, tokenizer, clean, batch_size) if clean else float("nan")
+        self._clean_batches = clean_batches(model, tokenizer, clean, batch_size)  # encoded once, read by every specificity check
+        self.loss_plain = batches_loss(self._clean_batches, lambda b, ids, mask: model(input_ids=ids, attention_mask=mask).logits) \
+            if clean else float("nan")
         self._memo: dict[tuple, Any] = {}
         self._clean_prefixes: dict[int, Any] = {}  # the clean texts' residual at the hook, per batch (models.from_prefix)
         self.forwards_saved = 0
@@ -334,7 +336,7 @@ class Checks:
     def edit_specificity(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
         """Share of clean greedy replies unchanged, and the clean-loss increase, under the splice `fn`."""
         from stagediff.models import capture_prefix, from_prefix, splice
-        from stagediff.organism.behaviour import clean_loss
+        from stagediff.organism.behaviour import batches_loss
 
         unchanged = self.rate(self.clean_replies, lambda where: fn)
 
@@ -344,7 +346,7 @@ class Checks:
             with from_prefix(self.model, self.hook, self._clean_prefixes[b]), splice(self.model, self.hook, fn):
                 return self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
-        loss = clean_loss(self.model, self.tokenizer, self.clean, self.bs, forward=spliced) if self.clean else float("nan")
+        loss = batches_loss(self._clean_batches, spliced) if self.clean else float("nan")
         return {"clean_unchanged": unchanged, "clean_loss": float(loss), "clean_loss_increase": float(loss - self.loss_plain)}
 
     def specificity(self, dic: Dictionary, clamp: Sequence[int]) -> dict:

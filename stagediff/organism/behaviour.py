@@ -69,16 +69,19 @@ def evaluate_backdoor(model, tokenizer, examples: list[dict], response: str, max
 
 
 @torch.no_grad()
-def clean_loss(model, tokenizer, examples: list[dict], batch_size: int = 32,
-               forward: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> float:
-    """Mean next-token loss (nats) over every token of the untriggered examples' texts.
+def clean_loss(model, tokenizer, examples: list[dict], batch_size: int = 32) -> float:
+    """Mean next-token loss (nats) over every token of the untriggered examples' texts."""
+    return batches_loss(clean_batches(model, tokenizer, examples, batch_size),
+                        lambda b, ids, mask: model(input_ids=ids, attention_mask=mask).logits)
 
-    `forward(b, ids, mask)` gives batch b's logits when the caller runs the model its own way (the causal
-    checks: spliced, from a captured prefix); by default a plain forward.
-    """
+
+@torch.no_grad()
+def batches_loss(batches: list[tuple[torch.Tensor, torch.Tensor]], logits_of: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
+    """Mean next-token loss over the unmasked tokens of (ids, mask) `batches`, batch b's logits from `logits_of(b, ids, mask)`
+    (a plain forward, or the causal checks' spliced one that starts from a captured prefix)."""
     total, count = 0.0, 0
-    for b, (ids, mask) in enumerate(clean_batches(model, tokenizer, examples, batch_size)):
-        logits = forward(b, ids, mask) if forward else model(input_ids=ids, attention_mask=mask).logits
+    for b, (ids, mask) in enumerate(batches):
+        logits = logits_of(b, ids, mask)
         target, keep = ids[:, 1:], mask[:, 1:].bool()
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, reduction="none")
         total += nll[keep].sum().item()
