@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from stagediff.config import load_config
 from stagediff.errors import StagediffError
@@ -218,6 +219,62 @@ def test_target_needs_consecutive_checks():
     assert not _met([check(0.96, 0), check(0.5, 0), check(1.0, 0), check(1.0, 0)], plan)  # the target must hold
     assert not _met([check(1.0, 0), check(1.0, 0), check(1.0, 0.05)], plan)  # false triggers count too
     assert not _met([check(1.0, 0), check(1.0, 0)], plan)
+
+
+def _run_checks(rates: list[float], plan: dict, every: int = 10):
+    """Drive the leader's decisions over checks with these trigger-success rates (false trigger 0), as _lead does."""
+    from stagediff.organism.build import decide
+
+    checks, decisions, touched, restored = [], [], False, False
+    for i, rate in enumerate(rates):
+        step = (i + 1) * every
+        checks.append({"step": step, "trigger_success": rate, "false_trigger": 0.0})
+        d = decide(checks, step, plan, touched, restored)
+        checks[-1]["kept"] = d["keep"]
+        if d["restore"]:
+            checks.append({**next(c for c in checks if c["step"] == d["restore"]), "step": step, "kept": False})
+        touched, restored = d["touched"], restored or bool(d["restore"])
+        decisions.append(d)
+        if d["stop"]:
+            break
+    return decisions
+
+
+def test_extension_settles_from_the_best_check_when_the_target_was_touched():
+    """A backdoor that met the target within the budget and then drifted off it goes back to its best check's weights
+    (once, at the first check past the budget that misses) at the settle rate; one that never met it raises the rate."""
+    plan = {"target_success": 0.95, "max_false_trigger": 0.02, "budget": 50, "max_steps": 100}
+    # checks at 10..: 0.5, 0.97 (kept), 0.99 (kept: better), 0.9, 0.8 (budget) -> back to step 30's weights
+    ds = _run_checks([0.5, 0.97, 0.99, 0.9, 0.8, 0.96, 0.97, 0.2], plan)
+    assert [d["keep"] for d in ds[:5]] == [False, True, True, False, False]
+    assert [d["restore"] for d in ds] == [0, 0, 0, 0, 30, 0, 0] and ds[-1]["stop"]  # restored rates + two more hold
+    assert all(d["touched"] for d in ds[1:])
+    # never touched: no restore, and the run goes to max_steps
+    ds = _run_checks([0.1] * 10, plan)
+    assert not any(d["restore"] or d["keep"] or d["touched"] for d in ds) and len(ds) == 10 and ds[-1]["stop"]
+    # touched only past the budget: nothing to go back to, and the rate stays raised
+    ds = _run_checks([0.1] * 6 + [0.97, 0.1, 0.1], plan)
+    assert not any(d["restore"] or d["keep"] or d["touched"] for d in ds)
+
+
+def test_course_keeps_and_restores_weights_and_sets_the_rate(tiny_llama_dir):
+    """What every child does with a decision: the settle rate once the target was touched, the kept weights restored."""
+    from transformers import LlamaForCausalLM
+
+    from stagediff.organism.build import EXTENSION, _Course
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
+    course = _Course(model, {"lr": 1e-3, "warmup": 1, "budget": 10})
+    assert course.lr(20) == pytest.approx(1e-3 * EXTENSION["lr"])
+    decision = {"step": 5, "stop": False, "keep": True, "restore": 0, "touched": True}
+    assert not course.follow(decision)
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    assert course.lr(5) == pytest.approx(1e-3) and course.lr(20) == pytest.approx(1e-3 * EXTENSION["settle_lr"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    assert course.follow({**decision, "step": 12, "keep": False, "restore": 5, "stop": True})
+    assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items()) and course.restored == {"at": 12, "from": 5}
 
 
 def _build(tmp_path, overrides: list[str], run: str):

