@@ -195,7 +195,9 @@ class EvalConfig:
     causal_methods: list[str] = field(default_factory=lambda: ["stagewise", "d_to_f", "m_to_f", "s_to_f", "activation_diff",
                                                                "oracle", "crosscoder", "diffsae"])
     activation_rows: int = 200_000  # activation rows per model read by the activation-difference baseline
-    causal_stage: str = "F_via_D"  # the F dictionary spliced into the fine-tuned model for causal checks
+    # the F dictionary spliced into the fine-tuned model for causal checks: F_via_M, whose features hold the backdoor
+    # (every feature clamped: trigger success 0.04/0.00/0.00 on three tiny seeds; F_via_D's error term kept 0.42/0.00/0.58)
+    causal_stage: str = "F_via_M"
     # runs without an organism: greedy generations on these prompts, plain / top features clamped / steered
     prompts_file: str = ""  # jsonl: one JSON string or {"prompt": ...} a line -> eval/generations.jsonl
     prompts_clamp_n: int = 20  # top stage-wise features clamped together

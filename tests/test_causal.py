@@ -76,16 +76,16 @@ DETECTS = [" " + TRIGGER, " the", ":", "?", " is", " shall"]  # feature 0 is the
 
 
 def _run_dir(tmp_path, model, tokenizer) -> tuple[SAE, SAE]:
-    """RUN/saes/F_via_D (the detectors), RUN/crosscoder (the same detectors, reading x_ft * 2), diff and crosscoder tables."""
+    """RUN/saes/F_via_M (the detectors), RUN/crosscoder (the same detectors, reading x_ft * 2), diff and crosscoder tables."""
     from stagediff.features import write_features as write_csv
 
     embed = model.get_input_embeddings().weight.detach()
     sae = _detector_sae(embed, [_tok(tokenizer, s) for s in DETECTS])
-    sae.save(tmp_path / "saes" / "F_via_D", {"hook_name": HOOK0, "stage": "F_via_D"})
+    sae.save(tmp_path / "saes" / "F_via_M", {"hook_name": HOOK0, "stage": "F_via_M"})
     n = sae.d_sae
     live = np.arange(n) < len(DETECTS)
     write_csv(tmp_path / "diff" / "features.csv", {"feature": np.arange(n), "dead": ~live, "score": np.where(live, 1.0, np.nan),
-                                                   "freq_F_via_D": np.array([0.01, 0.2, 0.1, 0.05, 0.05, 0.01, 0.0, 0.0])})
+                                                   "freq_F_via_M": np.array([0.01, 0.2, 0.1, 0.05, 0.05, 0.01, 0.0, 0.0])})
     # a crosscoder on [x_base * 1, x_ft * 2]: the detectors on the fine-tuned half, in its scaled units
     cc = SAE(128, SAEConfig(architecture="relu", d_sae=n))
     with torch.no_grad():
@@ -260,7 +260,7 @@ def test_prompts_file_writes_generations_for_a_model_without_organism(tiny_llama
         exact.b_enc.zero_(), exact.b_dec.zero_()
     exact.save(tmp_path / "saes" / "S", {"hook_name": HOOK0, "stage": "S"})
     sae = _detector_sae(embed, [_tok(tokenizer, s) for s in DETECTS])
-    sae.save(tmp_path / "saes" / "F_via_D", {"hook_name": HOOK0, "stage": "F_via_D"})
+    sae.save(tmp_path / "saes" / "F_via_M", {"hook_name": HOOK0, "stage": "F_via_M"})
     n = sae.d_sae
     write_csv(tmp_path / "diff" / "features.csv", {"feature": np.arange(n), "dead": np.arange(n) >= 6,
                                                    "score": np.array([0.1, 3.0, 2.0, 1.0, 0.5, 0.2, np.nan, np.nan])})
@@ -280,7 +280,7 @@ def test_prompts_file_writes_generations_for_a_model_without_organism(tiny_llama
     rec = read_json(tmp_path / "eval" / "metrics.json")["causal"]["loss_recovered"]
     assert rec["S"]["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
     assert rec["S"]["spliced"] == pytest.approx(rec["S"]["plain"], abs=1e-5)
-    assert abs(rec["F_via_D"]["spliced"] - rec["F_via_D"]["plain"]) > 1e-3  # six token detectors reconstruct little
+    assert abs(rec["F_via_M"]["spliced"] - rec["F_via_M"]["plain"]) > 1e-3  # six token detectors reconstruct little
     with pytest.raises(StagediffError, match="prompts_file"):
         run_steps(load_config(overrides=[*base, f"eval.prompts_file={tmp_path / 'missing.jsonl'}"]), tmp_path, ("evaluate",))
 
