@@ -83,13 +83,7 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
     _check_targets(org)
     org = dataclasses.replace(org, finetune_examples=finetune_examples(org, cfg.eval.examples))
     run_dir = Path(run_dir)
-    # accept_below_target is not part of the key: after the error, setting it reuses the organism just built;
-    # null chooses which built model a run diffs, not what is built
-    settings = {k: v for k, v in to_dict(org).items() if k not in ("accept_below_target", "null_run")}
-    stopping = {"validation": VALIDATION_PAIRS, "checks": CHECKS_PER_BUDGET, "min_every": MIN_CHECK_EVERY,
-                "consecutive": CONSECUTIVE_CHECKS, "extension": EXTENSION}
-    key = fingerprint({"organism": settings, "recipe": _recipe(org.preset), "seed": cfg.seed, "heldout": cfg.eval.examples,
-                       "stopping": stopping, "build": BUILD_VERSION})
+    key = organism_key(cfg, org)
     done = organism_json(run_dir)
     if not (done.exists() and read_json(done).get("fingerprint") == key):
         cached = cache_dir() / "organisms" / f"{org.preset}-{key}"
@@ -115,6 +109,17 @@ def build_organism(cfg: Config, run_dir: Path) -> dict:
         "finetune_data": {"path": str(data_file(run_dir, "finetune")), **data},
         "heldout": str(heldout_jsonl(run_dir)),
     }
+
+
+def organism_key(cfg: Config, org: OrganismConfig) -> str:
+    """The cache key of the organism `org` (with its fine-tune examples resolved) builds under `cfg`: everything the
+    build depends on. accept_below_target is not part of it (after the error, setting it reuses the organism just
+    built), nor null_run (it chooses which built model a run diffs, not what is built)."""
+    settings = {k: v for k, v in to_dict(org).items() if k not in ("accept_below_target", "null_run")}
+    stopping = {"validation": VALIDATION_PAIRS, "checks": CHECKS_PER_BUDGET, "min_every": MIN_CHECK_EVERY,
+                "consecutive": CONSECUTIVE_CHECKS, "extension": EXTENSION}
+    return fingerprint({"organism": settings, "recipe": _recipe(org.preset), "seed": cfg.seed, "heldout": cfg.eval.examples,
+                        "stopping": stopping, "build": BUILD_VERSION})
 
 
 def finetune_examples(org: OrganismConfig, heldout: int) -> int:
