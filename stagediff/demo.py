@@ -15,6 +15,7 @@ from stagediff.config import Config, load_config
 from stagediff.features import cos_column, read_features, top_ranked
 from stagediff.layout import diff_dir, features_csv, layers_summary_json, metrics_json, null_dir, organism_json, report_html, summary_json, top_tokens_json
 from stagediff.pipeline import STEPS, run_steps
+from stagediff.report.data import null_metrics
 
 PRESETS: dict[str, dict] = {
     # A 1.3M-parameter Llama pre-trained here on the Bible; minutes on two CPU cores.
@@ -106,9 +107,11 @@ def print_summary(run_dir: Path) -> None:
             fid = int(table["feature"][i])
             cosines = " ".join(f"{name}={table.get(col, nan)[i]:.3f}" for name, col in columns)
             lines.append(f"    #{table['rank'][i]:>3} feature {fid:>5}  {cosines}  {tokens.get(fid, '')}")
-    for name, path in (("eval", metrics_json(run_dir)), ("null", metrics_json(null_dir(run_dir)))):
-        if path.exists():
-            lines.append(f"  {name:<9} {_headline(json.loads(path.read_text()))}: {path}")
+    if metrics_json(run_dir).exists():
+        lines.append(f"  eval      {_headline(json.loads(metrics_json(run_dir).read_text()))}: {metrics_json(run_dir)}")
+    null = null_metrics(run_dir)  # only a null of this organism and these settings
+    if null is not None:
+        lines.append(f"  null      {_headline(null)}: {metrics_json(null_dir(run_dir))}")
     layers = layers_summary_json(run_dir)
     if layers.exists():  # several hooks: the layer table (each hook's own figures are in RUN/layers/<hook>/)
         from stagediff.layers import describe_fewest, layer_table

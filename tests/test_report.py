@@ -199,3 +199,26 @@ def test_report_in_headless_chromium(real_run, tmp_path):
         shot.unlink(missing_ok=True)
         out = _chromium(url, tmp_path / f"profile-{name}", f"--screenshot={shot}", "--window-size=1360,2400")
         assert out.returncode == 0 and shot.stat().st_size > 50_000, out.stderr[-2000:]
+
+
+def test_null_is_shown_only_when_it_ran_with_this_runs_organism_and_settings(tmp_path):
+    """A null left in RUN/null by an earlier demo (another organism, other settings) must not stand beside today's
+    figures in the report or the demo's summary; one run with the same organism and settings does."""
+    from stagediff.config import dump_config
+    from stagediff.report.data import null_metrics
+
+    run, null = tmp_path / "run", tmp_path / "run" / "null"
+    for folder, model, extra in ((run, "finetuned", []), (null, "base", ["organism.null_run=true"])):
+        cfg = load_config(overrides=[f"base_model={folder}/models/base", f"finetuned_model={folder}/models/{model}",
+                                     f"base_data.path={folder}/data/base.jsonl", f"finetune_data.path={folder}/data/finetune.jsonl", *extra],
+                          base={"organism": {"preset": "tiny"}})
+        dump_config(cfg, folder / "config.yaml", extra={"started": str(folder)})
+        write_json(folder / "models" / "organism.json", {"fingerprint": "abc"})
+    write_json(null / "eval" / "metrics.json", {"stagewise": {"precision": 0.1}})
+    assert null_metrics(run) == {"stagewise": {"precision": 0.1}}
+    write_json(null / "models" / "organism.json", {"fingerprint": "older"})  # another organism
+    assert null_metrics(run) is None
+    write_json(null / "models" / "organism.json", {"fingerprint": "abc"})
+    text = (null / "config.yaml").read_text()
+    (null / "config.yaml").write_text(text.replace("q: 0.1", "q: 0.2"))  # other diff settings
+    assert "q: 0.2" in (null / "config.yaml").read_text() and null_metrics(run) is None

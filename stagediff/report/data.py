@@ -40,6 +40,26 @@ from stagediff.layout import (
 from stagediff.stages import STANDARD_GRAPH, resolve_stages
 
 
+def null_metrics(run_dir: Path) -> dict | None:
+    """The eval metrics of RUN/null (the demo's null run) if it diffed this run's organism with this run's settings,
+    else None: a null left from an earlier demo in the same folder must not stand beside today's figures."""
+    null = null_dir(run_dir)
+    metrics = read_json_if_exists(metrics_json(null))
+    if metrics is None or not (config_yaml(null).exists() and config_yaml(run_dir).exists()):
+        return None
+
+    def settings(folder: Path) -> dict:
+        text = config_yaml(folder).read_text().replace(str(Path(folder).resolve()), "RUN").replace(str(folder), "RUN")
+        cfg = yaml.safe_load(text) or {}
+        cfg.pop("_run", None)
+        cfg.pop("finetuned_model", None)  # the null's is the control: the one difference by design
+        (cfg.get("organism") or {}).pop("null_run", None)
+        return cfg
+
+    same_organism = (read_json_if_exists(organism_json(null)) or {}).get("fingerprint") == \
+        (read_json_if_exists(organism_json(run_dir)) or {}).get("fingerprint")
+    return metrics if same_organism and settings(null) == settings(run_dir) else None
+
 def read_columns(path: Path) -> dict[str, list]:
     """A features.csv as {column: values} for the page: NaN as None, and an unranked feature's rank None."""
     cols = {k: v.tolist() for k, v in read_features(path).items()}
@@ -87,7 +107,7 @@ def gather(run_dir: Path, cfg: Config) -> dict[str, Any]:
         "noise_floor": _noise_floor(cols),
         "organism": read_json_if_exists(organism_json(run_dir)) or (metrics or {}).get("organism"),
         "eval": metrics,
-        "null_eval": read_json_if_exists(metrics_json(null_dir(run_dir))),  # the demo's null run, if any
+        "null_eval": null_metrics(run_dir),  # the demo's null run, if it ran with this run's settings
         "crosscoder": _crosscoder(run_dir),
         "adl": read_json_if_exists(adl_json(run_dir)),  # meandiff step: Activation Difference Lens
         "difference_of_means": read_json_if_exists(difference_of_means_json(run_dir)),  # meandiff step, generated
