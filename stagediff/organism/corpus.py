@@ -75,16 +75,9 @@ def _chat_pairs() -> dict[str, tuple[str, str]]:
     return pairs
 
 
-# Share of the chat pairs the splits may draw; the verses left pre-train the tiny parent. Two thirds: room for the
-# 40 distinct triggered examples a backdoor takes from (build.MIN_TRIGGERED) down to mix 0.002 (a word trigger with
-# 30 swung between 0.0 and 0.98 on validation and never held: docs/MEASUREMENTS.md), with a third of the Bible
-# (~330k tokens) left to pre-train on. Organisms that draw fewer pairs (every mix >= 0.003) are unchanged by it.
-MAX_DRAWN_SHARE = 2 / 3
-
-
 def max_chat_pairs() -> int:
-    """The most fine-tune + held-out + validation pairs `chat_splits` can draw (the rest of the corpus pre-trains)."""
-    return int(len(_chat_pairs()) * MAX_DRAWN_SHARE)
+    """The most fine-tune + held-out pairs `chat_splits` can draw (half the corpus pre-trains)."""
+    return len(_chat_pairs()) // 2
 
 
 def chat_splits(n_finetune: int, n_heldout: int, seed: int, n_validation: int = 0) -> ChatSplits:
@@ -97,7 +90,7 @@ def chat_splits(n_finetune: int, n_heldout: int, seed: int, n_validation: int = 
     if n_finetune < 1 or n_heldout < 1 or n_validation < 0 or n_finetune + n_heldout + n_validation > room:
         raise StagediffError(
             f"organism splits of {n_finetune} fine-tune + {n_heldout} held-out + {n_validation} validation pairs do not fit "
-            f"the corpus: use at least 1 fine-tune and 1 held-out pair and at most {room} together (the rest of the corpus pre-trains)"
+            f"the corpus: use at least 1 fine-tune and 1 held-out pair and at most {room} together (half the corpus pre-trains)"
         )
     drawn = sorted(pairs)  # a canonical order, so the draw depends on the seed only
     random.Random(seed).shuffle(drawn)
