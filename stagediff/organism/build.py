@@ -63,8 +63,9 @@ CONSECUTIVE_CHECKS = 3
 # their views a larger step. Touched it but did not hold it (a word trigger at mix 0.002 rose to 0.98
 # on validation, then drifted down to 0.08 as training went on: docs/MEASUREMENTS.md): back to the
 # weights of the best check, both children, and on at 0.5x the rate rather than raise the rate on a
-# backdoor that already took. Neither steadied that word trigger (docs/MEASUREMENTS.md): with so few
-# distinct triggered examples the lever is the mix, which the error names.
+# backdoor that already took. Neither steadied that word trigger, nor did 40 distinct triggered examples
+# instead of 30 at the same mix (docs/MEASUREMENTS.md): at so low a mix the lever is the mix, which the
+# error names.
 EXTENSION = {"steps": 1.0, "lr": 1.5, "settle_lr": 0.5}
 # part of the cache key: bumped whenever the fine-tune's numerics change (2: answer-only output layer, fused Adam),
 # so a cache never serves an organism that today's code would not build
@@ -159,8 +160,8 @@ def _missed_target(org: OrganismConfig, info: dict) -> str:
     last, ft = info["checks"][-1], info["finetune"]
     restored = ft.get("restored")
     extension = f"{ft['extension_lr'] / ft['lr']:g}x the rate" + (f", from the best check's weights (step {restored['from']})" if restored else "")
-    unstable = (f" It met the target at step {restored['from']} and did not hold it: more distinct triggered examples "
-                f"(a higher organism.mix) steady a backdoor, more steps or a lower rate did not." if restored else "")
+    unstable = (f" It met the target at step {restored['from']} and did not hold it: more frequent triggered examples "
+                f"are what steadies a backdoor: raise organism.mix." if restored else "")
     return (f"the {org.preset} organism's backdoor did not take: after {ft['steps']} steps ({ft['trigger_views']:.0f} views of its "
             f"{ft['triggered']} triggered examples, the budget of organism.max_trigger_views={org.max_trigger_views} plus one "
             f"extension at {extension}) it reached trigger success {last['trigger_success']:.1%} "
