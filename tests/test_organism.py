@@ -227,17 +227,13 @@ def _run_checks(rates: list[float], plan: dict, every: int = 10):
 
     checks, decisions, touched, restored = [], [], False, False
     for i, rate in enumerate(rates):
-        step = (i + 1) * every
-        checks.append({"step": step, "trigger_success": rate, "false_trigger": 0.0})
-        d = decide(checks, step, plan, touched, restored)
-        checks[-1]["kept"] = d["keep"]
-        if d["restore"]:
-            checks.append({**next(c for c in checks if c["step"] == d["restore"]), "step": step, "kept": False})
+        checks.append({"step": (i + 1) * every, "trigger_success": rate, "false_trigger": 0.0})
+        d = decide(checks, plan, touched, restored)
         touched, restored = d["touched"], restored or bool(d["restore"])
         decisions.append(d)
         if d["stop"]:
             break
-    return decisions
+    return decisions, checks
 
 
 def test_extension_settles_from_the_best_check_when_the_target_was_touched():
@@ -245,15 +241,16 @@ def test_extension_settles_from_the_best_check_when_the_target_was_touched():
     (once, at the first check past the budget that misses) at the settle rate; one that never met it raises the rate."""
     plan = {"target_success": 0.95, "max_false_trigger": 0.02, "budget": 50, "max_steps": 100}
     # checks at 10..: 0.5, 0.97 (kept), 0.99 (kept: better), 0.9, 0.8 (budget) -> back to step 30's weights
-    ds = _run_checks([0.5, 0.97, 0.99, 0.9, 0.8, 0.96, 0.97, 0.2], plan)
+    ds, checks = _run_checks([0.5, 0.97, 0.99, 0.9, 0.8, 0.96, 0.97, 0.2], plan)
     assert [d["keep"] for d in ds[:5]] == [False, True, True, False, False]
     assert [d["restore"] for d in ds] == [0, 0, 0, 0, 30, 0, 0] and ds[-1]["stop"]  # restored rates + two more hold
+    assert checks[5] == {"step": 50, "trigger_success": 0.99, "false_trigger": 0.0, "restored_from": 30}
     assert all(d["touched"] for d in ds[1:])
     # never touched: no restore, and the run goes to max_steps
-    ds = _run_checks([0.1] * 10, plan)
+    ds, _ = _run_checks([0.1] * 10, plan)
     assert not any(d["restore"] or d["keep"] or d["touched"] for d in ds) and len(ds) == 10 and ds[-1]["stop"]
     # touched only past the budget: nothing to go back to, and the rate stays raised
-    ds = _run_checks([0.1] * 6 + [0.97, 0.1, 0.1], plan)
+    ds, _ = _run_checks([0.1] * 6 + [0.97, 0.1, 0.1], plan)
     assert not any(d["restore"] or d["keep"] or d["touched"] for d in ds)
 
 

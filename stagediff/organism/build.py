@@ -399,19 +399,26 @@ class _Course:
         return decision["stop"]
 
 
-def decide(checks: list[dict], step: int, plan: dict, touched: bool, restored: bool) -> dict:
-    """The leader's decision after the check of `step` (the last of `checks`): stop, keep these weights as the best,
-    or go back to the best kept ones (`restore`: the step they were kept at; once, at the first check at or past
-    the budget that misses the target after a check within the budget met it)."""
+def decide(checks: list[dict], plan: dict, touched: bool, restored: bool) -> dict:
+    """The leader's decision after its latest check (the last of `checks`, its rates just appended): stop, keep
+    these weights as the best (marked `kept` in `checks`), or go back to the best kept ones (`restore`: the step
+    they were kept at; once, at the first check at or past the budget that misses the target after a check
+    within the budget met it; their rates are then appended as the check of the restored weights)."""
+    step = checks[-1]["step"]
     meets = [c["trigger_success"] >= plan["target_success"] and c["false_trigger"] <= plan["max_false_trigger"] for c in checks]
     within = step <= plan["budget"]
-    best = max((c for c, m in zip(checks[:-1], meets) if m), key=lambda c: c["trigger_success"], default=None)
-    keep = within and meets[-1] and (best is None or checks[-1]["trigger_success"] > best["trigger_success"])
-    touched = touched or (within and meets[-1])
+    best = max((c["trigger_success"] for c in checks[:-1] if c.get("kept")), default=-1.0)
+    keep = within and meets[-1] and checks[-1]["trigger_success"] > best
+    touched = touched or keep
     stop = _met(checks, plan) or step >= plan["max_steps"]
     restore = 0
     if not stop and not restored and touched and step >= plan["budget"] and not meets[-1]:
-        restore = next(c["step"] for c in reversed(checks) if c.get("kept"))
+        kept = next(c for c in reversed(checks) if c.get("kept"))
+        restore = kept["step"]
+        checks.append({"step": step, "trigger_success": kept["trigger_success"], "false_trigger": kept["false_trigger"],
+                       "restored_from": restore})
+    if keep:
+        checks[-1]["kept"] = True
     return {"step": step, "stop": stop, "keep": keep, "restore": restore, "touched": touched}
 
 
@@ -420,19 +427,11 @@ def _lead(course: _Course, tokenizer, validation: list[dict], decisions: Path, s
     out here and written for the followers."""
     t = time.time()
     rates = evaluate_backdoor(course.model, tokenizer, validation, course.plan["response"])
-    checks = course.checks
-    checks.append({"step": step, "trigger_success": rates["trigger_success"], "false_trigger": rates["false_trigger"],
-                   "lr": course.lr(step - 1), "seconds": round(time.time() - t, 2)})
-    decision = decide(checks, step, course.plan, course.touched, course.restored is not None)
-    if decision["keep"]:
-        checks[-1]["kept"] = True
-    stop = course.follow(decision)
-    if decision["restore"]:  # the weights now are the best check's: their rates start the new run of checks
-        best = next(c for c in checks if c["step"] == decision["restore"])
-        checks.append({**{k: best[k] for k in ("trigger_success", "false_trigger")}, "step": step, "restored_from": best["step"],
-                       "lr": course.lr(step), "seconds": 0.0})
-    write_json(decisions / f"{step}.json", {**decision, **checks[-1]})  # the rates too, to follow a long build
-    return stop
+    course.checks.append({"step": step, "trigger_success": rates["trigger_success"], "false_trigger": rates["false_trigger"],
+                          "lr": course.lr(step - 1), "seconds": round(time.time() - t, 2)})
+    decision = decide(course.checks, course.plan, course.touched, course.restored is not None)
+    write_json(decisions / f"{step}.json", {**decision, **course.checks[-1]})  # the rates too, to follow a long build
+    return course.follow(decision)
 
 
 def _follow(course: _Course, decisions: Path, step: int) -> bool:
