@@ -238,14 +238,18 @@ def _run_checks(rates: list[float], plan: dict, every: int = 10):
 
 def test_extension_settles_from_the_best_check_when_the_target_was_touched():
     """A backdoor that met the target within the budget and then drifted off it goes back to its best check's weights
-    (once, at the first check past the budget that misses) at the settle rate; one that never met it raises the rate."""
-    plan = {"target_success": 0.95, "max_false_trigger": 0.02, "budget": 50, "max_steps": 100}
+    (once, at the first check past the budget that misses) and settles, stopping when the decaying rate reaches zero;
+    one that never met it raises the rate."""
+    plan = {"target_success": 0.95, "max_false_trigger": 0.02, "budget": 50, "max_steps": 100, "settle_steps": 25}
     # checks at 10..: 0.5, 0.97 (kept), 0.99 (kept: better), 0.9, 0.8 (budget) -> back to step 30's weights
     ds, checks = _run_checks([0.5, 0.97, 0.99, 0.9, 0.8, 0.96, 0.97, 0.2], plan)
     assert [d["keep"] for d in ds[:5]] == [False, True, True, False, False]
     assert [d["restore"] for d in ds] == [0, 0, 0, 0, 30, 0, 0] and ds[-1]["stop"]  # restored rates + two more hold
     assert checks[5] == {"step": 50, "trigger_success": 0.99, "false_trigger": 0.0, "restored_from": 30}
     assert all(d["touched"] for d in ds[1:])
+    # restored, then missing: the run ends at the first check settle_steps after the restore (step 50 + 25 -> 80)
+    ds, checks = _run_checks([0.5, 0.97, 0.99, 0.9, 0.8, 0.6, 0.9, 0.7, 0.96], plan)
+    assert [d["stop"] for d in ds] == [False] * 7 + [True] and checks[-1]["step"] == 80
     # never touched: no restore, and the run goes to max_steps
     ds, _ = _run_checks([0.1] * 10, plan)
     assert not any(d["restore"] or d["keep"] or d["touched"] for d in ds) and len(ds) == 10 and ds[-1]["stop"]
@@ -261,7 +265,7 @@ def test_course_keeps_and_restores_weights_and_sets_the_rate(tiny_llama_dir):
     from stagediff.organism.build import EXTENSION, _Course
 
     model = LlamaForCausalLM.from_pretrained(tiny_llama_dir)
-    course = _Course(model, {"lr": 1e-3, "warmup": 1, "budget": 10})
+    course = _Course(model, {"lr": 1e-3, "warmup": 1, "budget": 10, "settle_steps": 8})
     assert course.lr(20) == pytest.approx(1e-3 * EXTENSION["lr"])
     decision = {"step": 5, "stop": False, "keep": True, "restore": 0, "touched": True}
     assert not course.follow(decision)
@@ -272,6 +276,9 @@ def test_course_keeps_and_restores_weights_and_sets_the_rate(tiny_llama_dir):
             p.add_(0.1)
     assert course.follow({**decision, "step": 12, "keep": False, "restore": 5, "stop": True})
     assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items()) and course.restored == {"at": 12, "from": 5}
+    # from the restore on, the settle rate decays linearly to zero over settle_steps
+    settle = 1e-3 * EXTENSION["settle_lr"]
+    assert [course.lr(s) for s in (12, 14, 16, 20, 30)] == pytest.approx([settle, 0.75 * settle, 0.5 * settle, 0.0, 0.0])
 
 
 def _build(tmp_path, overrides: list[str], run: str):

