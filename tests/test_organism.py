@@ -258,6 +258,19 @@ def test_extension_settles_from_the_best_check_when_the_target_was_touched():
     assert not any(d["restore"] or d["keep"] or d["touched"] for d in ds)
 
 
+def test_missed_target_names_the_settling_it_ran():
+    """The error of a build that went back to its best check names that check's step, the decaying rate and the mix."""
+    from stagediff.config import OrganismConfig
+    from stagediff.organism.build import _missed_target
+
+    info = {"checks": [{"trigger_success": 0.609, "false_trigger": 0.0}],
+            "finetune": {"steps": 25922, "trigger_views": 415, "triggered": 30, "extension_lr": 0.0015, "lr": 0.003,
+                         "restored": {"at": 20937, "from": 14955}}}
+    message = _missed_target(OrganismConfig(mix=0.002), info)
+    assert "0.5x the rate decaying to zero, from the best check's weights (step 14955)" in message
+    assert "60.9%" in message and "raise organism.mix" in message
+
+
 def test_course_keeps_and_restores_weights_and_sets_the_rate(tiny_llama_dir):
     """What every child does with a decision: the settle rate once the target was touched, the kept weights restored."""
     from transformers import LlamaForCausalLM

@@ -162,8 +162,8 @@ def _missed_target(org: OrganismConfig, info: dict) -> str:
     """The error for an organism whose backdoor missed the target: the rates reached and what to change."""
     last, ft = info["checks"][-1], info["finetune"]
     restored = ft.get("restored")
-    extension = (f"{EXTENSION['settle_lr']:g}x the rate decaying to zero, from the best check's weights (step {restored['from']})"
-                 if restored else f"{ft['extension_lr'] / ft['lr']:g}x the rate")
+    extension = f"{ft['extension_lr'] / ft['lr']:g}x the rate" + (
+        f" decaying to zero, from the best check's weights (step {restored['from']})" if restored else "")
     unstable = (f" It met the target at step {restored['from']} and did not hold it: more frequent triggered examples "
                 f"are what steadies a backdoor: raise organism.mix." if restored else "")
     return (f"the {org.preset} organism's backdoor did not take: after {ft['steps']} steps ({ft['trigger_views']:.0f} views of its "
