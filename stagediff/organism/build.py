@@ -66,7 +66,7 @@ CONSECUTIVE_CHECKS = 3
 # quarter of the budget, where the run ends. A held rate keeps such a backdoor swinging between checks
 # (a bracketed tag at mix 0.002 read 1.00 0.73 0.42 1.00 0.64 0.98 at a held 0.5x: docs/MEASUREMENTS.md);
 # a decaying one lets it come to rest, and the last checks say where (the word trigger at 0.002 came to
-# rest at 0.6 on validation, its error some 13k steps before the extension's end). Neither rule
+# rest at 0.6 on validation, its error some 14k steps before the extension's end). Neither rule
 # steadies that word trigger, nor did 40 distinct triggered examples instead of 30 at the same mix: at so
 # low a mix the lever is the mix, which the error names.
 EXTENSION = {"steps": 1.0, "lr": 1.5, "settle_lr": 0.5, "settle_steps": 0.25}
