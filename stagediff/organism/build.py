@@ -70,9 +70,9 @@ CONSECUTIVE_CHECKS = 3
 # steadies that word trigger, nor did 40 distinct triggered examples instead of 30 at the same mix: at so
 # low a mix the lever is the mix, which the error names.
 EXTENSION = {"steps": 1.0, "lr": 1.5, "settle_lr": 0.5, "settle_steps": 0.25}
-# part of the cache key: bumped whenever the fine-tune's numerics change (2: answer-only output layer, fused Adam),
-# so a cache never serves an organism that today's code would not build
-BUILD_VERSION = 2
+# part of the cache key: bumped whenever the fine-tune's numerics change (2: answer-only output layer, fused Adam;
+# 3: lm.FINETUNE_BETAS), so a cache never serves an organism that today's code would not build
+BUILD_VERSION = 3
 
 
 def build_organism(cfg: Config, run_dir: Path) -> dict:
