@@ -17,7 +17,6 @@ import torch
 
 from stagediff.runtime import progress
 
-
 # Adam's betas in the fine-tune. A triggered example is rare (one in 500 at mix 0.002), and the second
 # moment's memory decides how far its view moves the weights: with beta2 0.95 it forgets the last view within
 # ~60 steps, so every view is a fresh, sign-like step of several times the rate and the backdoor swings from
