@@ -23,10 +23,10 @@ PRESETS: dict[str, dict] = {
         "organism": {"preset": "tiny"},
         "hook": "blocks.2.hook_resid_pre",
         "context_size": 128,
-        # fine-tunes at lr 2e-4 (0.2 x S's): on the discovery bench (5 seeds) 1e-4 ranked a little better (AP 0.34 vs 0.27,
-        # inside the seed spread) but its F dictionaries left the backdoor in their error term on 2 of 5 seeds (every
-        # feature clamped: trigger success 0.55-0.80), where no feature ranking can remove it; 2e-4 on 1 (docs/MEASUREMENTS.md)
-        "sae": {"architecture": "batchtopk", "d_sae": 1024, "k": 16, "lr": 1e-3, "finetune_lr_scale": 0.2, "batch_size": 1024,
+        # fine-tunes at lr 1e-4 (0.1 x S's): on the discovery bench (5 seeds with nulls, today's organisms) stage-wise AP
+        # 0.39 against 0.28 at 2e-4, with the backdoor held in the F dictionaries' features at both rates (every feature
+        # clamped: 0.00 on every seed); on older organisms 1e-4 left it in their error term (docs/MEASUREMENTS.md)
+        "sae": {"architecture": "batchtopk", "d_sae": 1024, "k": 16, "lr": 1e-3, "finetune_lr_scale": 0.1, "batch_size": 1024,
                 "warmup_steps": 20, "aux_k": 64, "dead_tokens": 200_000, "checkpoint_every": 100},
         # the organism's chat data holds ~150k tokens per dataset: S reads it ~6.5 times, the fine-tunes
         # ~1.7 times; smaller budgets left the dictionaries short of converged (docs/MEASUREMENTS.md)
