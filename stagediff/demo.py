@@ -23,7 +23,7 @@ PRESETS: dict[str, dict] = {
         "organism": {"preset": "tiny"},
         "hook": "blocks.2.hook_resid_pre",
         "context_size": 128,
-        # fine-tunes at lr 1e-4 (0.1 x S's): on the discovery bench (5 seeds with nulls, today's organisms) stage-wise AP
+        # fine-tunes at lr 1e-4 (0.1 x S's): on the discovery bench (5 seeds with nulls, beta2-0.999 organisms) stage-wise AP
         # 0.39 against 0.28 at 2e-4, with the backdoor held in the F dictionaries' features at both rates (every feature
         # clamped: 0.00 on every seed); on older organisms 1e-4 left it in their error term (docs/MEASUREMENTS.md)
         "sae": {"architecture": "batchtopk", "d_sae": 1024, "k": 16, "lr": 1e-3, "finetune_lr_scale": 0.1, "batch_size": 1024,
