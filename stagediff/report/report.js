@@ -403,7 +403,7 @@ function renderOverview() {
 }
 
 function renderMap() {
-  const s = section("map", "Rotation map", "One point per feature. x: decoder cosine between D and F_via_D (what the fine-tuned model changed, data held fixed); y: between M and F_via_M (what the fine-tune data changed, model held fixed). Features low on both axes rotated with the model and the data: the candidates. Hover a point for its numbers, click it for its card.");
+  const s = section("map", "Rotation map", `One point per feature. x: ${(D.summary.selection || {}).vector || "decoder"} cosine between D and F_via_D (what the fine-tuned model changed, data held fixed); y: between M and F_via_M (what the fine-tune data changed, model held fixed). Features low on both axes rotated with the model and the data: the candidates. Hover a point for its numbers, click it for its card.`);
   const ax = D.axes;
   if (!ax.x.column || !ax.y || !ax.y.column) {
     s.append(el("p", { class: "empty" }, "features.csv has no columns for the configured axes."));
